@@ -1,0 +1,221 @@
+"""What every adapter method provides, and the shared machinery to inject and manage it.
+
+An adapter layer wraps one frozen ``nn.Linear`` (kept as ``base_layer``) and adds its own
+parameters; it knows nothing of the loop, the data or the CLI. An ``AdapterMethod`` is the
+registry entry: it validates its options, chooses target layers, builds the layers, and may
+provide loop hooks and a peft description of itself. Attribute names follow peft's LoRA layout
+(``base_layer``, ``lora_A``, ``lora_B``) so that a LoRA-shaped state dict *is* a peft one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from petuner.errors import ConfigError
+from petuner.train.hooks import Hook
+
+
+@dataclass
+class LoRAFactors:
+    """An adapter's update written as a plain LoRA: ΔW = scaling · B @ A."""
+
+    A: torch.Tensor  # r × in
+    B: torch.Tensor  # out × r
+    scaling: float
+
+
+class AdapterLayer(nn.Module, ABC):
+    """A frozen ``nn.Linear`` plus an adapter's own parameters."""
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged = False
+        self.disabled = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @abstractmethod
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's additive contribution to the output for input ``x``."""
+
+    @abstractmethod
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW (out × in) such that the adapted layer equals a Linear with weight W + ΔW."""
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
+
+    def as_lora(self) -> LoRAFactors | None:
+        """This adapter as a plain LoRA, where the math allows (for peft export); else None."""
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged or self.disabled:
+            return out
+        return out + self.adapter_forward(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+
+class AdapterMethod(ABC):
+    """A registry entry: one PEFT method, configured from its ``conf/adapter/<name>.yaml``."""
+
+    name: ClassVar[str]
+    # Config keys this method accepts (besides ``name``); anything else is a misspelling.
+    options: ClassVar[tuple[str, ...]] = ()
+    # peft's task_type per petuner task, for the peft export.
+    peft_task_types: ClassVar[dict[str, str]] = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
+
+    def __init__(self, cfg: DictConfig | dict[str, Any]) -> None:
+        cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+        unknown = sorted(set(cfg.keys()) - {"name", *self.options})
+        if unknown:
+            raise ConfigError(f"adapter.{unknown[0]} is not an option of adapter={self.name}; "
+                              f"allowed: {', '.join(self.options) or '(none)'}")
+        self.cfg = cfg
+
+    def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+        """Names of the modules to wrap; raises if the spec matches none."""
+        return []
+
+    def make_layer(self, base_layer: nn.Linear) -> AdapterLayer:
+        raise NotImplementedError(f"adapter={self.name} injects no layers")
+
+    def extra_trainable(self, model: nn.Module, targets: Sequence[str]) -> list[str]:
+        """Names of base-model parameters this method also trains (e.g. biases)."""
+        return []
+
+    def trains_base_model(self) -> bool:
+        """True for full fine-tuning: every base parameter trains."""
+        return False
+
+    def hooks(self) -> list[Hook]:
+        return []
+
+    def peft_config(self, targets: Sequence[str], task: str, head_modules: Sequence[str],
+                    base_model_name_or_path: str | None) -> Any:
+        """A ``peft.PeftConfig`` describing this adapter as saved; None if it has no peft form."""
+        return None
+
+
+# --- target selection (peft's semantics: a list matches by name suffix, a string is a regex) ---
+
+def linear_names(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not _under(name, exclude)]
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def output_layer_names(model: nn.Module) -> list[str]:
+    """The output projection (e.g. lm_head), never adapted by "all-linear"."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    return [name for name, module in model.named_modules() if out is not None and module is out]
+
+
+def match_targets(model: nn.Module, spec: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """Resolve ``target_modules`` to module names, as peft does; a spec matching nothing is an error."""
+    if isinstance(spec, ListConfig):
+        spec = list(spec)
+    candidates = linear_names(model, exclude)
+    if spec == "all-linear":
+        skip = output_layer_names(model)
+        found = [n for n in candidates if n not in skip]
+    elif isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as err:
+            raise ConfigError(f"adapter.target_modules={spec!r} is not a valid regex ({err})") from None
+        found = [n for n in candidates if pattern.fullmatch(n)]
+    else:
+        keys = [str(k) for k in spec]
+        found = [n for n in candidates if any(n == k or n.endswith("." + k) for k in keys)]
+    if not found:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise ConfigError(f"adapter.target_modules={spec!r} matches no nn.Linear in "
+                          f"{type(model).__name__}; its linear layers are named: {', '.join(leaves)} "
+                          "(or use \"all-linear\" or a regex)")
+    return found
+
+
+# --- working on a model's adapter layers ---
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every adapter layer by its base Linear (merged first unless ``merge=False``)."""
+    for name, layer in list(adapter_layers(model)):
+        if merge:
+            layer.merge()
+        set_submodule(model, name, layer.base_layer)
+    return model
+
+
+@contextlib.contextmanager
+def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: adapters off (merged ones are unmerged for the duration)."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    was_merged = [layer.merged for layer in layers]
+    for layer in layers:
+        layer.unmerge()
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, merged in zip(layers, was_merged, strict=True):
+            layer.disabled = False
+            if merged:
+                layer.merge()

@@ -1,0 +1,98 @@
+"""Validate a composed config before anything heavy is loaded: one clear line per problem.
+
+Each config group is checked by the module that owns it (model → models, data → data, adapter →
+its registry entry, optimizer → optim, trainer → here). ``check_group_choices`` runs on the command
+line before Hydra composes, so an unknown ``adapter=lorra`` is one line naming what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from petuner.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EXPORTS = (None, "merged", "peft")
+
+
+def _int_at_least(cfg: Any, key: str, low: int, *, optional: bool = False, prefix: str = "trainer") -> None:
+    value = cfg.get(key)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        allowed = f"an integer >= {low}" + (" or null" if optional else "")
+        raise ConfigError(f"{prefix}.{key}={value!r}: must be {allowed}")
+
+
+def check_trainer_cfg(cfg: Any) -> None:
+    from petuner.train.device import PRECISIONS
+
+    if cfg.get("max_steps") is None and cfg.get("epochs") is None:
+        raise ConfigError("trainer.max_steps and trainer.epochs are both null: set one of them")
+    _int_at_least(cfg, "max_steps", 1, optional=True)
+    _int_at_least(cfg, "epochs", 1, optional=True)
+    for key in ("batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every"):
+        _int_at_least(cfg, key, 1)
+    for key in ("eval_every", "save_every"):
+        _int_at_least(cfg, key, 1, optional=True)
+    _int_at_least(cfg, "seed", 0)
+    _int_at_least(cfg, "num_workers", 0)
+    norm = cfg.get("max_grad_norm")
+    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm <= 0):
+        raise ConfigError(f"trainer.max_grad_norm={norm!r}: must be a number > 0 or null")
+    if cfg.precision not in ("auto", *PRECISIONS):
+        raise ConfigError(f"trainer.precision={cfg.precision!r}: allowed: auto, {', '.join(PRECISIONS)}")
+    if not isinstance(cfg.resume, bool):
+        raise ConfigError(f"trainer.resume={cfg.resume!r}: must be true or false")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every group of a composed run config; raises ConfigError naming the first bad value."""
+    from petuner.adapters import build_adapter
+    from petuner.data import check_data_cfg
+    from petuner.models import check_model_cfg
+    from petuner.optim import check_optimizer_cfg
+    from petuner.train.logging import LOGGERS
+
+    for group in ("model", "data", "adapter", "optimizer", "trainer", "logger"):
+        if group not in cfg or not isinstance(cfg[group], DictConfig):
+            raise ConfigError(f"config group {group!r} is missing from the run config")
+    check_model_cfg(cfg.model)
+    check_data_cfg(cfg.data, cfg.model.task)
+    build_adapter(cfg.adapter)
+    check_optimizer_cfg(cfg.optimizer)
+    check_trainer_cfg(cfg.trainer)
+    if cfg.logger.name not in LOGGERS:
+        raise ConfigError(f"logger={cfg.logger.name!r}: allowed: {', '.join(LOGGERS)}")
+    if cfg.get("export") not in EXPORTS:
+        raise ConfigError(f"export={cfg.export!r}: allowed: null, merged, peft")
+
+
+def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject ``group=choice`` overrides (sweeps included) naming a YAML that does not exist."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as err:  # Hydra's grammar errors span lines; keep the first
+        raise ConfigError(f"cannot parse the command line: {str(err).splitlines()[0]}") from None
+    for override in parsed:
+        key = override.key_or_group
+        if key not in groups or override.is_delete():
+            continue
+        values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                  else [override.get_value_element_as_str()])
+        allowed = group_choices(key, conf_dir)
+        for value in values:
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not a choice of the {key!r} config group; "
+                                  f"allowed: {', '.join(allowed)}")

@@ -1,0 +1,12 @@
+"""The one exception type users see: a bad input, stated in one line before expensive work starts."""
+
+
+class PetunerError(Exception):
+    """A user-facing error; its message is one line naming the bad value and what is allowed.
+
+    The CLI and ``train.py`` print it without a traceback and exit with status 2.
+    """
+
+
+class ConfigError(PetunerError):
+    """The composed configuration is invalid."""

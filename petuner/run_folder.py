@@ -1,0 +1,84 @@
+"""A run folder's layout, and loading a trained run back: ``petuner.load(RUN_DIR)``.
+
+    RUN_DIR/config.yaml          the resolved config the run trained with
+    RUN_DIR/run.json             what training decided: targets, heads, labels, base weights, results
+    RUN_DIR/adapter.safetensors  the trained weights (adapter + trained heads; all weights for adapter=none)
+    RUN_DIR/metrics.jsonl        one JSON object per logged step and evaluation
+    RUN_DIR/checkpoints/         step-NNNNNNNN/ folders for resume
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from petuner.errors import PetunerError
+
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+ADAPTER_FILE = "adapter.safetensors"
+
+
+@dataclass
+class LoadedRun:
+    model: nn.Module
+    tokenizer: Any
+    cfg: DictConfig
+    info: dict[str, Any]
+
+
+def read_config(run_dir: Path | str) -> DictConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise PetunerError(f"{run_dir} is not a petuner run folder (no {CONFIG_FILE})")
+    cfg = OmegaConf.load(path)
+    assert isinstance(cfg, DictConfig)
+    return cfg
+
+
+def read_info(run_dir: Path | str) -> dict[str, Any]:
+    import json
+
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise PetunerError(f"{run_dir} has no {RUN_FILE}: the run never got past set-up")
+    return json.loads(path.read_text())
+
+
+def build_base_with_adapter(cfg: DictConfig, info: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """The run's base model (on CPU) with its adapter injected, weights as initialised."""
+    from petuner.adapters import build_adapter, inject
+    from petuner.models import load_model
+
+    model = load_model(cfg.model, num_labels=len(info.get("label_names") or []) or None)
+    method = build_adapter(cfg.adapter)
+    injection = inject(model, method, info["head_modules"])
+    if injection.targets != info["targets"]:
+        raise PetunerError("the adapter's targets differ from the ones the run trained: the base model changed")
+    return model, method
+
+
+def load(run_dir: Path | str, *, weights: str | Path | None = None) -> LoadedRun:
+    """The trained model (eval mode, CPU, adapter un-merged) and its tokenizer."""
+    from safetensors.torch import load_file
+
+    from petuner.adapters import load_adapter_state_dict
+    from petuner.models import load_tokenizer
+
+    run_dir = Path(run_dir)
+    cfg, info = read_config(run_dir), read_info(run_dir)
+    weights = Path(weights) if weights else run_dir / ADAPTER_FILE
+    if not weights.is_file():
+        raise PetunerError(f"{weights} does not exist: the run has not finished (see {run_dir}/checkpoints)")
+    model, _ = build_base_with_adapter(cfg, info)
+    try:
+        state = load_file(str(weights))
+    except Exception as err:
+        raise PetunerError(f"{weights}: not a readable safetensors file ({err})") from None
+    load_adapter_state_dict(model, state)
+    model.eval()
+    return LoadedRun(model=model, tokenizer=load_tokenizer(cfg.model), cfg=cfg, info=info)

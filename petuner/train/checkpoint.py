@@ -1,0 +1,84 @@
+"""Checkpoints: adapter weights (safetensors) + optimizer, scheduler, scaler, hooks and RNG states.
+
+Each checkpoint is a folder ``checkpoints/step-NNNNNNNN`` written atomically (temporary folder,
+fsync, rename), so a kill at any moment leaves the previous checkpoint loadable. The state file is
+read back with ``torch.load(weights_only=True)``: no pickled code runs on resume.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from petuner.adapters import adapter_state_dict, load_adapter_state_dict
+from petuner.io import atomic_dir
+from petuner.train.hooks import Hook
+
+CHECKPOINTS = "checkpoints"
+ADAPTER_FILE = "adapter.safetensors"
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: torch.amp.GradScaler, hooks: list[Hook], keep: int) -> Path:
+    dest = Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+    with atomic_dir(dest, replace=True) as tmp:
+        save_tensors(adapter_state_dict(model), tmp / ADAPTER_FILE)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "hooks": [h.state_dict() for h in hooks],
+                    "rng": rng_state()}, tmp / STATE_FILE)
+    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    scaler: torch.amp.GradScaler, hooks: list[Hook]) -> int:
+    """Restore everything ``save_checkpoint`` wrote; returns the step to continue from."""
+    load_adapter_state_dict(model, load_file(str(path / ADAPTER_FILE)))
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    for hook, hook_state in zip(hooks, state["hooks"], strict=True):
+        hook.load_state_dict(hook_state)
+    set_rng_state(state["rng"])
+    return int(state["step"])

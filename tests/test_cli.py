@@ -1,0 +1,52 @@
+"""End to end through the real entry points, as a user types them (subprocesses: a few only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+PETUNER = [sys.executable, "-m", "petuner.cli"]
+pytestmark = pytest.mark.slow
+
+
+def sh(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_train_with_overrides_then_export(tmp_path) -> None:
+    # No run_dir override: the run lands in ./adapters/<model>_<adapter>_<time> under the working folder.
+    done = sh([sys.executable, str(ROOT / "train.py"), *TINY, "trainer.max_steps=2", "adapter.r=4",
+               "export=peft"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "adapters").iterdir()
+    assert run_dir.name.startswith("tiny_llama_lora_")
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["steps"] == 2 and (run_dir / "export-peft" / "adapter_model.safetensors").is_file()
+    assert json.loads((run_dir / "export-peft" / "adapter_config.json").read_text())["r"] == 4
+
+    out = tmp_path / "merged"
+    done = sh([*PETUNER, "export", str(run_dir), "--format", "merged", "--out", str(out)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "model.safetensors").is_file()
+    again = sh([*PETUNER, "export", str(run_dir), "--format", "merged", "--out", str(out)], cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [f"error: --out {out} is not empty; pass --force to replace it"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["adapter=lorra"], "error: adapter='lorra' is not a choice of the 'adapter' config group; allowed: lora, none"),
+    ([*TINY, "trainer.batch_size=0"], "error: trainer.batch_size=0: must be an integer >= 1"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message) -> None:
+    done = sh([sys.executable, str(ROOT / "train.py"), *args, f"run_dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == message

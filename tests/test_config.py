@@ -1,0 +1,77 @@
+"""Bad configs fail fast: one line naming the value and what is allowed, before data or weights load."""
+
+from __future__ import annotations
+
+import pytest
+
+from petuner.config import check_group_choices
+from petuner.errors import ConfigError, PetunerError
+from petuner.run import run
+
+
+@pytest.fixture(autouse=True)
+def nothing_heavy(monkeypatch):
+    """Every case here must fail before data is read or weights are loaded."""
+    def heavy(*args, **kwargs):
+        raise AssertionError("heavy work started before validation")
+
+    monkeypatch.setattr("petuner.run.build_data", heavy)
+    monkeypatch.setattr("petuner.run.load_tokenizer", heavy)
+
+
+CASES = [
+    (("adapter.r=0",), r"adapter.r=0: must be an integer > 0"),
+    (("adapter.r=2.5",), r"adapter.r=2.5: must be an integer > 0"),
+    (("adapter.alpha=abc",), r"adapter.alpha='abc': must be a number > 0"),
+    (("adapter.dropout=1.5",), r"adapter.dropout=1.5: must be in \[0, 1\)"),
+    (("adapter.scaling=wide",), r"adapter.scaling='wide': allowed: standard, rslora"),
+    (("adapter.bias=some",), r"adapter.bias='some': allowed: none, all, lora_only"),
+    (("+adapter.rank=4",), r"adapter.rank is not an option of adapter=lora; allowed: r, alpha"),
+    (("adapter.target_modules=[nope]",), r"adapter.target_modules=\['nope'\] matches no nn.Linear .*q_proj"),
+    (("adapter.r=65",), r"adapter.r=65 exceeds the size of model.layers.0.self_attn.q_proj"),
+    (("trainer.batch_size=0",), r"trainer.batch_size=0: must be an integer >= 1"),
+    (("trainer.max_steps=-3",), r"trainer.max_steps=-3: must be an integer >= 1 or null"),
+    (("trainer.max_steps=null", "trainer.epochs=null"), r"both null"),
+    (("trainer.precision=fp8",), r"trainer.precision='fp8': allowed: auto, fp32, bf16, fp16"),
+    (("trainer.precision=fp16", "trainer.device=cpu"), r"fp16 needs a CUDA device"),
+    (("trainer.device=tpu",), r"trainer.device='tpu': allowed: auto, cpu, cuda"),
+    (("trainer.max_grad_norm=0",), r"trainer.max_grad_norm=0: must be a number > 0 or null"),
+    (("optimizer.lr=0",), r"optimizer.lr=0: must be a number > 0"),
+    (("optimizer.schedule=step",), r"optimizer.schedule='step': allowed: cosine, linear, constant"),
+    (("data.max_length=100000",), r"data.max_length=100000 exceeds the model's context of 512 tokens"),
+    (("data.eval_size=0",), r"data.eval_size=0: a fraction in \(0, 1\) or a count >= 1"),
+    (("data.kind=images",), r"data.kind='images': allowed: auto, sft, text, classification"),
+    (("data=bbc_news",), r"data.kind=classification needs a seq_cls model, but model.task=causal_lm"),
+    (("model=minilm_l6", "data=bbc_news", "model.name_or_path=/no/such/model"),
+     r"model.name_or_path='/no/such/model': folder '/no/such/model' does not exist"),
+    (("export=onnx",), r"export='onnx': allowed: null, merged, peft"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_value_is_one_clear_line(cfg_factory, overrides, message) -> None:
+    with pytest.raises(PetunerError, match=message) as err:
+        run(cfg_factory(*overrides))
+    assert "\n" not in str(err.value)
+
+
+def test_unwritable_run_dir(cfg_factory, tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PetunerError, match="cannot be created"):
+        run(cfg_factory(run_dir=blocker / "run"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["adapter=lorra"], r"adapter='lorra' is not a choice of the 'adapter' config group; allowed: lora, none"),
+    (["adapter=lora,dora"], r"adapter='dora' is not a choice"),
+    (["model=gpt5", "trainer.max_steps=3"], r"model='gpt5' is not a choice of the 'model' config group; allowed: "
+                                            r"minilm_l6, smollm2_135m, tiny_bert, tiny_llama"),
+])
+def test_unknown_group_choice(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_group_choices(overrides)
+
+
+def test_known_choices_and_plain_keys_pass() -> None:
+    check_group_choices(["adapter=lora,none", "model=tiny_llama", "adapter.r=4,8", "trainer.max_steps=3"])
