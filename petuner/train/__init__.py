@@ -1,0 +1,1 @@
+"""The training machinery: loop, hooks, checkpoints, device/precision and metrics logging."""
