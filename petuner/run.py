@@ -96,7 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    optimizer = build_optimizer(model, cfg.optimizer, device)
+    optimizer = build_optimizer(model, cfg.optimizer, device, exclude=method.own_optimizer_parameters(model))
     info: dict[str, Any] = {
         "petuner_version": __version__, "run_dir": str(run_dir.resolve()), "base_model": model_source(cfg.model),
         "task": cfg.model.task, "data_kind": data.kind, "label_names": data.label_names,

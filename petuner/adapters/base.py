@@ -87,6 +87,14 @@ class AdapterLayer(nn.Module, ABC):
         weight.sub_(self.delta_weight().to(weight.dtype))
         self.merged = False
 
+    def to_linear(self) -> nn.Module:
+        """A plain module computing this layer's output, adapter folded in (used by ``unload``).
+
+        Layers over a quantized base override this to return a dequantized ``nn.Linear``.
+        """
+        self.merge()
+        return self.base_layer
+
 
 class AdapterMethod(ABC):
     """A registry entry: one PEFT method, configured from its ``conf/adapter/<name>.yaml``."""
@@ -121,6 +129,10 @@ class AdapterMethod(ABC):
         return False
 
     def hooks(self) -> list[Hook]:
+        return []
+
+    def own_optimizer_parameters(self, model: nn.Module) -> list[str]:
+        """Names of trainable parameters this method updates itself (in a hook), not the main optimizer."""
         return []
 
     def peft_config(self, targets: Sequence[str], task: str, head_modules: Sequence[str],
@@ -198,9 +210,7 @@ def unmerge_adapters(model: nn.Module) -> None:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every adapter layer by its base Linear (merged first unless ``merge=False``)."""
     for name, layer in list(adapter_layers(model)):
-        if merge:
-            layer.merge()
-        set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.to_linear() if merge else layer.base_layer)
     return model
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from petuner.adapters.base import AdapterLayer, AdapterMethod, adapter_layers, set_submodule
+from petuner.adapters.base import AdapterMethod, adapter_layers, set_submodule
 from petuner.errors import PetunerError
 
 
@@ -75,5 +75,3 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
             tensor.copy_(state[name])
 
 
-__all__ = ["AdapterLayer", "Injection", "adapter_state_dict", "inject", "load_adapter_state_dict",
-           "trainable_parameters"]

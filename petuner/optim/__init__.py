@@ -6,7 +6,7 @@ Parameters are grouped so that weight decay never touches biases, norms or other
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -58,8 +58,12 @@ def check_optimizer_cfg(cfg: Any) -> None:
         raise ConfigError(f"optimizer.warmup_steps={cfg.warmup_steps!r}: must be an integer >= 0")
 
 
-def build_optimizer(model: nn.Module, cfg: Any, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model.named_parameters(), float(cfg.weight_decay))
+def build_optimizer(model: nn.Module, cfg: Any, device: torch.device,
+                    exclude: Collection[str] = ()) -> torch.optim.Optimizer:
+    """The main optimizer over every trainable parameter except ``exclude`` (names of parameters a
+    method optimizes itself, e.g. SoRA's gates)."""
+    named = [(n, p) for n, p in model.named_parameters() if n not in exclude]
+    groups = param_groups(named, float(cfg.weight_decay))
     if not groups:
         raise ConfigError("nothing to train: the adapter left no parameter with requires_grad")
     return OPTIMIZERS[cfg.name](groups, cfg, device)
