@@ -5,16 +5,21 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from petuner.config import check_group_choices
+from petuner.config import check_command_line
 from petuner.errors import PetunerError
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from petuner.run import run
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from petuner.sweep import run_job
+
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
-        run(cfg)
+        return run_job(cfg, sweep_dir)  # the objective, for search sweepers (optuna)
     except PetunerError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -22,7 +27,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     try:
-        check_group_choices([a for a in sys.argv[1:] if not a.startswith("-")])
+        check_command_line([a for a in sys.argv[1:] if not a.startswith("-")])
     except PetunerError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

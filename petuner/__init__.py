@@ -5,16 +5,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
 
 
-def load(run_dir: str, **kwargs: Any) -> tuple[Any, Any]:
-    """The trained model (adapter attached, eval mode, CPU) and its tokenizer from a run folder."""
-    from petuner.run_folder import load as load_run
+def load(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
+    """A trained model (eval mode, CPU) and its tokenizer, from a run folder or a petuner export.
 
-    loaded = load_run(run_dir, **kwargs)
+    Files listed in the folder's checksum manifest are verified before anything is loaded. A run folder
+    gives petuner's model with its adapter; a merged export the plain transformers model; a peft export
+    the ``PeftModel`` on its rebuilt base.
+    """
+    from petuner.manifest import verify_manifest
+    from petuner.run_folder import load as load_run
+    from petuner.run_folder import load_export
+
+    manifest = verify_manifest(Path(path))
+    if manifest is not None and manifest.get("kind", "").startswith("export-"):
+        return load_export(Path(path), manifest)
+    loaded = load_run(path, **kwargs)
     return loaded.model, loaded.tokenizer
 
 

@@ -46,6 +46,8 @@ def check_trainer_cfg(cfg: Any) -> None:
         raise ConfigError(f"trainer.max_grad_norm={norm!r}: must be a number > 0 or null")
     if cfg.precision not in ("auto", *PRECISIONS):
         raise ConfigError(f"trainer.precision={cfg.precision!r}: allowed: auto, {', '.join(PRECISIONS)}")
+    if cfg.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"trainer.on_nonfinite={cfg.on_nonfinite!r}: allowed: stop, skip")
     if not isinstance(cfg.resume, bool):
         raise ConfigError(f"trainer.resume={cfg.resume!r}: must be true or false")
 
@@ -72,8 +74,57 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"export={cfg.export!r}: allowed: null, merged, peft")
 
 
+def compose_config(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
+    """The run config ``python train.py <overrides>`` would get, for code (tests, benchmarks, notebooks).
+
+    Without Hydra's runtime, ``run_dir`` must be among the overrides.
+    """
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
 def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def check_command_line(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    """Everything Hydra would reject on this command line, as one line (sweeps checked at their first value)."""
+    import difflib
+    import re
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    check_group_choices(overrides, conf_dir)
+    plain = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if override.key_or_group.split(".")[0].split("/")[0] == "hydra":
+            continue
+        if override.is_sweep_override():
+            try:
+                first = next(iter(override.sweep_string_iterator()))
+            except Exception:  # a search space (interval, ...): the sweeper checks it
+                continue
+            plain.append(f"{override.get_key_element()}={first}")
+        else:
+            plain.append(override.input_line)
+    try:
+        compose_config([*plain, "run_dir=."], conf_dir)
+    except HydraException as err:
+        bad = re.search(r"Could not override '([^']+)'", str(err))
+        if not bad:
+            raise ConfigError(str(err).strip().splitlines()[0]) from None
+        key = bad.group(1)
+        parent, _, leaf = key.rpartition(".")
+        rest = [o for o in plain if not o.lstrip("+~").startswith(key + "=")]
+        node = OmegaConf.select(compose_config([*rest, "run_dir=."], conf_dir), parent) if parent else None
+        siblings = [str(k) for k in node] if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, siblings, n=1)
+        hint = f"did you mean {parent}.{close[0]}? " if close else ""
+        raise ConfigError(f"{key} is not a config key; {hint}(a new key needs a leading +: +{key}=...)") from None
 
 
 def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:

@@ -24,7 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SEQ_CLS_HEADS = ("classifier", "score")
 
 
-def _auto_class(task: str) -> Any:
+def auto_model_class(task: str) -> Any:
     import transformers
 
     return {"causal_lm": transformers.AutoModelForCausalLM,
@@ -87,7 +87,7 @@ def check_model_cfg(cfg: DictConfig) -> None:
 def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = False) -> nn.Module:
     """Build the base model on CPU (or on the meta device: structure only, for validation)."""
     check_model_cfg(cfg)
-    auto = _auto_class(cfg.task)
+    auto = auto_model_class(cfg.task)
     config = model_config(cfg, num_labels)
     dtype = DTYPES[cfg.dtype]
     if meta:

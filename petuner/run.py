@@ -22,13 +22,16 @@ from petuner.config import validate
 from petuner.data import build_data, check_data_cfg
 from petuner.errors import PetunerError
 from petuner.io import atomic_file, atomic_write_json, atomic_write_text
+from petuner.manifest import write_manifest
 from petuner.models import context_length, head_modules, load_model, load_tokenizer, model_config, model_source
-from petuner.optim import build_optimizer, build_scheduler
+from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, read_config
 from petuner.train.checkpoint import latest_checkpoint, load_checkpoint, save_tensors
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
+from petuner.train.guard import NonFiniteGuard
 from petuner.train.logging import MetricsLog
 from petuner.train.loop import Loop, total_steps
+from petuner.train.memory import MemoryHook
 
 log = logging.getLogger(__name__)
 # Sections whose change makes a checkpoint meaningless for the run (trainer.max_steps may grow).
@@ -70,12 +73,19 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
+def calibration_batches(data: Any, batches: int, size: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``batches`` training batches in order: what an adapter's ``prepare`` may look at."""
+    n = min(len(data.train), batches * size)
+    return [data.collate([data.train[i] for i in range(start, min(start + size, n))]) for start in range(0, n, size)]
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one run as ``cfg`` says; returns its results (also in RUN_DIR/run.json)."""
     validate(cfg)
     run_dir, checkpoint = prepare_run_dir(cfg)
     device = resolve_device(cfg.trainer.device)
     compute_dtype = resolve_precision(cfg.trainer.precision, device)
+    check_optimizer_for_trainer(cfg.optimizer, cfg.trainer, compute_dtype)
     method = build_adapter(cfg.adapter)
     check_data_cfg(cfg.data, cfg.model.task, context_length(model_config(cfg.model)))
 
@@ -87,6 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data = build_data(cfg.data, tokenizer, cfg.model.task)
 
     model = load_model(cfg.model, data.num_labels)
+    method.prepare(model, calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size))
     seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
     injection = inject(model, method, heads)
     trainable, total = count_parameters(model)
@@ -105,15 +116,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "device": str(device), "compute_dtype": str(compute_dtype or torch.float32).removeprefix("torch."),
         "train_examples": len(data.train), "eval_examples": len(data.eval),
     }
+    if report := method.report():
+        info["adapter_report"] = report
     atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_json(run_dir / RUN_FILE, info)
 
     metrics = MetricsLog(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
                          resume_step=_checkpoint_step(checkpoint))
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps(cfg.trainer, len(data.train)))
+    memory = MemoryHook()  # last: it sees the gradients the optimizer will use
+    scaler = grad_scaler(device, compute_dtype)
+    guard = NonFiniteGuard(cfg.trainer.on_nonfinite, check_grads=not scaler.is_enabled())  # first: may veto
     loop = Loop(model=model, data=data, optimizer=optimizer, scheduler=scheduler,
-                scaler=grad_scaler(device, compute_dtype), hooks=method.hooks(), cfg=cfg.trainer, device=device,
-                compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics)
+                scaler=scaler, hooks=[guard, *method.hooks(model), memory], cfg=cfg.trainer,
+                device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics)
     start = 0
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, model, optimizer, scheduler, loop.scaler, loop.hooks)
@@ -121,11 +137,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     reset_peak_memory(device)
     try:
         results = loop.train(start)
+        results.update(memory.report(model, optimizer))
+        metrics.log({k: v for k, v in results.items() if k.startswith("memory/")}, loop.total_steps())
         metrics.summary(results)
     finally:
         metrics.close()
     with atomic_file(run_dir / ADAPTER_FILE) as tmp:
         save_tensors(adapter_state_dict(model), tmp)
+    write_manifest(run_dir, {"kind": "run"}, files=[ADAPTER_FILE, CONFIG_FILE])
     info.update({"results": results, "steps": loop.total_steps()})
     atomic_write_json(run_dir / RUN_FILE, info)
     log.info("done: %s", "  ".join(f"{k}={v:.4g}" for k, v in results.items()))

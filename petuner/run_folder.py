@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from petuner.errors import PetunerError
+from petuner.manifest import verify_manifest
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -29,6 +30,7 @@ class LoadedRun:
     tokenizer: Any
     cfg: DictConfig
     info: dict[str, Any]
+    method: Any  # the run's AdapterMethod
 
 
 def read_config(run_dir: Path | str) -> DictConfig:
@@ -70,15 +72,32 @@ def load(run_dir: Path | str, *, weights: str | Path | None = None) -> LoadedRun
     from petuner.models import load_tokenizer
 
     run_dir = Path(run_dir)
+    verify_manifest(run_dir)
     cfg, info = read_config(run_dir), read_info(run_dir)
     weights = Path(weights) if weights else run_dir / ADAPTER_FILE
     if not weights.is_file():
         raise PetunerError(f"{weights} does not exist: the run has not finished (see {run_dir}/checkpoints)")
-    model, _ = build_base_with_adapter(cfg, info)
+    model, method = build_base_with_adapter(cfg, info)
     try:
         state = load_file(str(weights))
     except Exception as err:
         raise PetunerError(f"{weights}: not a readable safetensors file ({err})") from None
     load_adapter_state_dict(model, state)
     model.eval()
-    return LoadedRun(model=model, tokenizer=load_tokenizer(cfg.model), cfg=cfg, info=info)
+    return LoadedRun(model=model, tokenizer=load_tokenizer(cfg.model), cfg=cfg, info=info, method=method)
+
+
+def load_export(folder: Path, manifest: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """A petuner export (already verified against its manifest), loaded as plain transformers / peft."""
+    from transformers import AutoTokenizer
+
+    from petuner.models import auto_model_class, load_model, load_tokenizer
+
+    model_cfg = OmegaConf.create(manifest["model"])
+    if manifest["kind"] == "export-merged":
+        model = auto_model_class(manifest["task"]).from_pretrained(str(folder))
+        return model.eval(), AutoTokenizer.from_pretrained(str(folder))
+    from peft import PeftModel
+
+    base = load_model(model_cfg, num_labels=len(manifest["label_names"]) or None)
+    return PeftModel.from_pretrained(base, str(folder)).eval(), load_tokenizer(model_cfg)

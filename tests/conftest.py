@@ -13,10 +13,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from petuner.config import CONF_DIR  # noqa: E402
+from petuner.config import compose_config  # noqa: E402
 
 # Small and fast: a tiny random Llama on 64 chatterbot pairs, a few steps.
 TINY = ("model=tiny_llama", "logger=none", "data.limit=64", "data.eval_size=32", "data.max_length=64",
@@ -25,8 +24,7 @@ TINY = ("model=tiny_llama", "logger=none", "data.limit=64", "data.eval_size=32",
 
 
 def make_cfg(run_dir: Path | str, *overrides: str, base: Sequence[str] = TINY) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*base, f"run_dir={run_dir}", *overrides])
+    return compose_config([*base, f"run_dir={run_dir}", *overrides])
 
 
 @pytest.fixture
@@ -35,6 +33,47 @@ def cfg_factory(tmp_path: Path) -> Callable[..., DictConfig]:
         return make_cfg(run_dir or tmp_path / "run", *overrides, base=base)
 
     return factory
+
+
+class Crash(Exception):
+    """Stands in for a kill right after a checkpoint was written."""
+
+
+@pytest.fixture
+def resume_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[Path, Path]]:
+    """Train ``overrides`` twice — straight through, and crashing right after the first checkpoint then
+    resuming — and require bit-identical weights and losses. Returns both run folders."""
+    from safetensors.torch import load_file
+
+    from petuner.run import run
+    from petuner.train import loop as loop_module
+    from petuner.train.checkpoint import checkpoints
+    from petuner.train.logging import read_metrics
+
+    def check(*overrides: str, first_checkpoint: str = "step-00000003") -> tuple[Path, Path]:
+        straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+        run(make_cfg(straight, *overrides))
+        original = loop_module.save_checkpoint
+
+        def crash_after_first(run_dir, step, *args, **kwargs):
+            original(run_dir, step, *args, **kwargs)
+            raise Crash(step)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(loop_module, "save_checkpoint", crash_after_first)
+            with pytest.raises(Crash):
+                run(make_cfg(resumed, *overrides))
+        assert [c.name for c in checkpoints(resumed)] == [first_checkpoint]
+        run(make_cfg(resumed, *overrides, "trainer.resume=true"))
+        a, b = load_file(straight / "adapter.safetensors"), load_file(resumed / "adapter.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+        losses = [[m["train/loss"] for m in read_metrics(d) if "train/loss" in m] for d in (straight, resumed)]
+        assert losses[0] == losses[1]
+        return straight, resumed
+
+    return check
 
 
 @pytest.fixture(scope="session")

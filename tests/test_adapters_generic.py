@@ -19,6 +19,7 @@ from petuner.adapters import (
     load_adapter_state_dict,
     merge_adapters,
     trainable_parameters,
+    unload,
     unmerge_adapters,
 )
 from tests.test_lora import tiny_llama
@@ -29,11 +30,40 @@ ADAPTERS = {
     "lora": ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
               "scaling": "standard", "bias": "none"}, QV),
     "none": ({"name": "none"}, []),
+    "dylora": ({"name": "dylora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                "mode": "frozen", "rank_weights": None, "eval_all_ranks": False}, QV),
+    "sora": ({"name": "sora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+              "gate_init": "ones", "gate_optimizer": "sgd", "gate_lr": 0.01, "xi": 0.5, "xi_schedule": "constant",
+              "xi_final": 1.0, "xi_steps": 4}, QV),
+    "qlora": ({"name": "qlora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+               "scaling": "standard", "bias": "none"}, QV),
+    "lq_lora": ({"name": "lq_lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                 "scaling": "standard", "bias": "none", "bits": 3, "block_size": 64, "iterations": 3, "fisher": False,
+                 "calibration_batches": 1, "budget_bits": None}, QV),
+    "lora_dora": ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                   "scaling": "standard", "bias": "none", "init": "kaiming", "variant": "dora"}, QV),
+    "lora_pissa": ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                    "scaling": "rslora", "bias": "none", "init": "pissa", "variant": "standard"}, QV),
+    "block_lora": ({"name": "block_lora", "r": 4, "alpha": 8, "dropout": 0.0, "n_blocks": 4,
+                    "target_modules": ["q_proj", "v_proj"], "scaling": "standard", "bias": "none"}, QV),
+    "loldu": ({"name": "loldu", "r": 4, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}, QV),
+    "svfit": ({"name": "svfit", "r": 4, "target_modules": ["q_proj", "v_proj"]}, QV),
+    # peft's own tuners through adapter=peft (the ready configs adapter=loha / adalora / vera)
+    "peft": ({"name": "peft", "peft_type": "LOHA",
+              "config": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}, QV),
+    "peft_adalora": ({"name": "peft", "peft_type": "ADALORA",
+                      "config": {"init_r": 4, "target_r": 2, "lora_alpha": 32, "total_step": 10,
+                                 "target_modules": ["q_proj", "v_proj"]}}, QV),
+    "peft_vera": ({"name": "peft", "peft_type": "VERA",
+                   "config": {"r": 8, "d_initial": 0.1, "target_modules": ["q_proj", "v_proj"]}}, QV),
 }
+# Rows whose frozen base is quantized: with the adapter off the model is that quantized base (not the fp32
+# tiny Llama), and the base layer as a dense Linear holds the dequantized weight (``layer.base_weight()``).
+QUANTIZED_BASE = {"qlora", "lq_lora"}
 
 
 def test_every_registered_adapter_has_a_row() -> None:
-    assert set(adapter_names()) == set(ADAPTERS)
+    assert set(adapter_names()) == {cfg["name"] for cfg, _ in ADAPTERS.values()}
 
 
 def adapted(name: str, seed: int = 0):
@@ -65,8 +95,10 @@ def test_gradients_reach_exactly_the_trainable_parameters(name: str) -> None:
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad == trainable
     if ADAPTERS[name][1]:
+        # a layer's own parameters (what ``adapter_parameters`` returns: for petuner's layers everything
+        # outside base_layer; for peft's, what peft trains)
         own = {f"{ln}.{pn}" for ln, layer in adapter_layers(model)
-               for pn, _ in layer.named_parameters() if not pn.startswith("base_layer.")}
+               for pn, p in layer.named_parameters() if any(p is q for q in layer.adapter_parameters())}
         assert trainable == own
 
 
@@ -83,7 +115,7 @@ def test_save_load_round_trip(name: str, tmp_path) -> None:
 @pytest.mark.parametrize("name", [n for n in sorted(ADAPTERS) if ADAPTERS[n][1]])
 def test_merge_equals_unmerged_and_disable_gives_base(name: str) -> None:
     model = adapted(name)
-    base = tiny_llama()
+    base = unload(copy.deepcopy(model), merge=False) if name in QUANTIZED_BASE else tiny_llama()
     with torch.no_grad():
         unmerged = model(input_ids=IDS).logits
         assert not torch.allclose(unmerged, base(input_ids=IDS).logits, atol=1e-4)
@@ -99,7 +131,12 @@ def test_delta_weight_is_the_layer_change(name: str) -> None:
     model = adapted(name)
     for _, layer in adapter_layers(model):
         x = torch.randn(3, layer.in_features)
-        dense = copy.deepcopy(layer.base_layer)
+        if name in QUANTIZED_BASE:
+            dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.base_layer.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(layer.base_weight())
+        else:
+            dense = copy.deepcopy(layer.base_layer)
         with torch.no_grad():
             dense.weight += layer.delta_weight()
             torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=0)

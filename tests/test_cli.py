@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from petuner.config import group_choices
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,10 @@ def test_train_with_overrides_then_export(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["adapter=lorra"], "error: adapter='lorra' is not a choice of the 'adapter' config group; allowed: lora, none"),
+    (["adapter=lorra"], "error: adapter='lorra' is not a choice of the 'adapter' config group; allowed: "
+                        + ", ".join(group_choices("adapter"))),
+    (["trainer.max_stpes=5"], "error: trainer.max_stpes is not a config key; did you mean trainer.max_steps? "
+                              "(a new key needs a leading +: +trainer.max_stpes=...)"),
     ([*TINY, "trainer.batch_size=0"], "error: trainer.batch_size=0: must be an integer >= 1"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message) -> None:

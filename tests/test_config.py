@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from petuner.config import check_group_choices
+from petuner.config import check_command_line, check_group_choices
 from petuner.errors import ConfigError, PetunerError
 from petuner.run import run
 
@@ -63,7 +63,8 @@ def test_unwritable_run_dir(cfg_factory, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["adapter=lorra"], r"adapter='lorra' is not a choice of the 'adapter' config group; allowed: lora, none"),
+    (["adapter=lorra"],
+     r"adapter='lorra' is not a choice of the 'adapter' config group; allowed: .*\blora, .*\bnone\b"),
     (["adapter=lora,dora"], r"adapter='dora' is not a choice"),
     (["model=gpt5", "trainer.max_steps=3"], r"model='gpt5' is not a choice of the 'model' config group; allowed: "
                                             r"minilm_l6, smollm2_135m, tiny_bert, tiny_llama"),
@@ -75,3 +76,20 @@ def test_unknown_group_choice(overrides, message) -> None:
 
 def test_known_choices_and_plain_keys_pass() -> None:
     check_group_choices(["adapter=lora,none", "model=tiny_llama", "adapter.r=4,8", "trainer.max_steps=3"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.max_stpes=5"], r"^trainer.max_stpes is not a config key; did you mean trainer.max_steps\? "),
+    (["adapter=sora", "adapter.gate_lrr=1,2"],
+     r"^adapter.gate_lrr is not a config key; did you mean adapter.gate_lr\?"),
+    (["adapter=lorra"], r"adapter='lorra' is not a choice"),
+])
+def test_command_line_typos_are_one_line(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        check_command_line(overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_command_line_accepts_sweeps_launchers_and_new_keys() -> None:
+    check_command_line(["adapter=lora,sora", "adapter.r=4,8", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                        "+adapter.rank=3", "sweep=lora_search"])

@@ -35,7 +35,7 @@ def test_load_restores_the_trained_adapter(trained_run) -> None:
 def test_peft_export_reloads_in_peft_with_the_same_logits(trained_run, tmp_path) -> None:
     out = export(trained_run, "peft", tmp_path / "peft")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json",
-                                                     "adapter_model.safetensors"]
+                                                     "adapter_model.safetensors", "petuner_manifest.json"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
     base = load_model(read_config(trained_run).model)
@@ -92,3 +92,30 @@ def test_full_finetune_has_no_peft_form(cfg_factory, tmp_path) -> None:
         export(tmp_path / "run", "peft", tmp_path / "out")
     out = export(tmp_path / "run", "merged", tmp_path / "merged")
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["peft", "merged"])
+def test_petuner_load_verifies_and_loads_an_export(trained_run, tmp_path, fmt: str) -> None:
+    out = export(trained_run, fmt, tmp_path / fmt)
+    model, tokenizer = petuner.load(out)
+    with torch.no_grad():
+        assert (model(input_ids=IDS).logits - petuner_logits(trained_run)).abs().max() <= 1e-4
+    assert tokenizer.pad_token is not None
+    weights = out / ("adapter_model.safetensors" if fmt == "peft" else "model.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PetunerError, match=r"does not match its checksum in petuner_manifest\.json"):
+        petuner.load(out)
+
+
+def test_run_folder_weights_are_verified(trained_run, tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    data = bytearray((copy / "adapter.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "adapter.safetensors").write_bytes(bytes(data))
+    with pytest.raises(PetunerError, match=r"adapter\.safetensors does not match its checksum"):
+        petuner.load(copy)

@@ -12,7 +12,6 @@ from petuner.adapters import build_adapter, inject
 from petuner.errors import PetunerError
 from petuner.models import head_modules, load_model
 from petuner.run import run
-from petuner.train import loop as loop_module
 from petuner.train.checkpoint import checkpoints
 from petuner.train.logging import read_metrics
 from petuner.train.loop import Loop
@@ -75,35 +74,9 @@ def test_classification_trains_head_and_reports_accuracy(trained_cls_run) -> Non
     assert 0.0 <= info["results"]["eval/accuracy_after"] <= 1.0
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("accum", [1, 2])
-def test_resume_reproduces_an_uninterrupted_run(cfg_factory, tmp_path, monkeypatch, accum: int) -> None:
-    overrides = ("adapter.dropout=0.1", f"trainer.grad_accum={accum}", "trainer.max_steps=6")
-    run(cfg_factory(*overrides, run_dir=tmp_path / "straight"))
-
-    original = loop_module.save_checkpoint
-
-    def crash_after_first(run_dir, step, *args, **kwargs):
-        original(run_dir, step, *args, **kwargs)
-        raise Crash(step)
-
-    monkeypatch.setattr(loop_module, "save_checkpoint", crash_after_first)
-    with pytest.raises(Crash):
-        run(cfg_factory(*overrides, run_dir=tmp_path / "resumed"))
-    monkeypatch.setattr(loop_module, "save_checkpoint", original)
-    assert [c.name for c in checkpoints(tmp_path / "resumed")] == ["step-00000003"]
-    run(cfg_factory(*overrides, "trainer.resume=true", run_dir=tmp_path / "resumed"))
-
-    straight = load_file(tmp_path / "straight" / "adapter.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "adapter.safetensors")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
-    losses = lambda d: [m["train/loss"] for m in read_metrics(d) if "train/loss" in m]  # noqa: E731
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+def test_resume_reproduces_an_uninterrupted_run(resume_check, accum: int) -> None:
+    resume_check("adapter.dropout=0.1", f"trainer.grad_accum={accum}", "trainer.max_steps=6")
 
 
 def test_resume_refuses_a_changed_config(cfg_factory, trained_run) -> None:

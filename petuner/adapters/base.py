@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -31,10 +31,24 @@ class LoRAFactors:
     A: torch.Tensor  # r × in
     B: torch.Tensor  # out × r
     scaling: float
+    # Tensors peft's LoRA variant keeps besides A and B, by key relative to the layer
+    # (DoRA's ``lora_magnitude_vector.weight``); empty for a plain LoRA.
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Injection:
+    """What ``inject`` did: the wrapped modules and the trained task heads."""
+
+    targets: list[str]
+    head_modules: list[str] = field(default_factory=list)
 
 
 class AdapterLayer(nn.Module, ABC):
     """A frozen ``nn.Linear`` plus an adapter's own parameters."""
+
+    # True where ``base_layer`` holds its weight quantized (the merged export is then dequantized).
+    quantized_base: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__()
@@ -64,6 +78,14 @@ class AdapterLayer(nn.Module, ABC):
     def as_lora(self) -> LoRAFactors | None:
         """This adapter as a plain LoRA, where the math allows (for peft export); else None."""
         return None
+
+    def peft_lora(self) -> LoRAFactors | None:
+        """This adapter in peft's LoRA format, a variant's extra tensors included (DoRA); else None."""
+        return self.as_lora()
+
+    def adapter_buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers a run saves with the adapter (by name relative to the layer)."""
+        return {name: buf for name, buf in self.named_buffers() if not name.startswith("base_layer.")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -113,6 +135,14 @@ class AdapterMethod(ABC):
                               f"allowed: {', '.join(self.options) or '(none)'}")
         self.cfg = cfg
 
+    def calibration_batches(self) -> int:
+        """How many training batches ``prepare`` needs (0: none)."""
+        return 0
+
+    def prepare(self, model: nn.Module, calibration: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Look at the whole base model (and ``calibration_batches()`` batches) before injection."""
+        return None
+
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         """Names of the modules to wrap; raises if the spec matches none."""
         return []
@@ -128,8 +158,40 @@ class AdapterMethod(ABC):
         """True for full fine-tuning: every base parameter trains."""
         return False
 
-    def hooks(self) -> list[Hook]:
+    def apply(self, model: nn.Module, head_modules: Sequence[str] = ()) -> Injection:
+        """Adapt ``model`` in place and set ``requires_grad`` on exactly what trains.
+
+        The default wraps ``select_targets`` with ``make_layer``; a method whose layers come from
+        elsewhere (the peft pass-through) overrides this. ``head_modules`` always train.
+        """
+        if self.trains_base_model():
+            model.requires_grad_(True)
+            return Injection(targets=[], head_modules=list(head_modules))
+        targets = self.select_targets(model, exclude=head_modules)
+        model.requires_grad_(False)
+        for name in targets:
+            set_submodule(model, name, self.make_layer(model.get_submodule(name)))
+        for _, layer in adapter_layers(model):
+            for p in layer.adapter_parameters():
+                p.requires_grad_(True)
+        params = dict(model.named_parameters())
+        for name in self.extra_trainable(model, targets):
+            params[name].requires_grad_(True)
+        for head in head_modules:
+            model.get_submodule(head).requires_grad_(True)
+        return Injection(targets=targets, head_modules=list(head_modules))
+
+    def hooks(self, model: nn.Module) -> list[Hook]:
+        """Per-step behaviour for the loop, given the injected model (called once, after seeding)."""
         return []
+
+    def ranks(self) -> list[int]:
+        """The ranks a trained adapter can run at, for rank-dynamic methods (DyLoRA); empty otherwise."""
+        return []
+
+    def set_rank(self, model: nn.Module, rank: int) -> None:
+        """Run every adapter layer at ``rank`` (evaluation and export of rank-dynamic methods)."""
+        raise ConfigError(f"adapter={self.name} has a fixed rank; --rank needs a rank-dynamic adapter (dylora)")
 
     def own_optimizer_parameters(self, model: nn.Module) -> list[str]:
         """Names of trainable parameters this method updates itself (in a hook), not the main optimizer."""
@@ -139,6 +201,20 @@ class AdapterMethod(ABC):
                     base_model_name_or_path: str | None) -> Any:
         """A ``peft.PeftConfig`` describing this adapter as saved; None if it has no peft form."""
         return None
+
+    def to_peft_model(self, model: nn.Module, config: Any, load_base: Callable[[], nn.Module]) -> Any:
+        """For methods living in peft's own layers: a ``peft.PeftModel`` over ``load_base()`` holding
+        ``model``'s trained adapter (the peft export saves it with peft's save_pretrained); None for
+        petuner's own layers, exported through ``AdapterLayer.peft_lora``."""
+        return None
+
+    def export_note(self, fmt: str) -> str:
+        """What a user of an export in format ``fmt`` must know (e.g. the base was quantized); "" if nothing."""
+        return ""
+
+    def report(self) -> dict[str, Any]:
+        """What injection decided, for run.json (e.g. per-matrix quantization configs); {} if nothing."""
+        return {}
 
 
 # --- target selection (peft's semantics: a list matches by name suffix, a string is a regex) ---
@@ -182,6 +258,27 @@ def match_targets(model: nn.Module, spec: str | Sequence[str], exclude: Sequence
                           f"{type(model).__name__}; its linear layers are named: {', '.join(leaves)} "
                           "(or use \"all-linear\" or a regex)")
     return found
+
+
+def check_positive(cfg: Any, key: str, *, integer: bool = False, allow_zero: bool = False,
+                   below: float | None = None) -> None:
+    """One-line ConfigError unless ``adapter.<key>`` is a positive number (or int), optionally < ``below``."""
+    value = cfg[key]
+    kind = int if integer else (int, float)
+    ok = not isinstance(value, bool) and isinstance(value, kind) and (value > 0 or (allow_zero and value == 0))
+    if not ok or (below is not None and value >= below):
+        what = "an integer" if integer else "a number"
+        bound = f"in [0, {below})" if below is not None else (">= 0" if allow_zero else "> 0")
+        raise ConfigError(f"adapter.{key}={value!r}: must be {what} {bound}")
+
+
+def check_rank_fits(model: nn.Module, targets: Sequence[str], r: int) -> None:
+    for name in targets:
+        layer = model.get_submodule(name)
+        limit = min(layer.in_features, layer.out_features)
+        if r > limit:
+            raise ConfigError(f"adapter.r={r} exceeds the size of {name} ({layer.out_features}×{layer.in_features}); "
+                              f"allowed: 1..{limit}")
 
 
 # --- working on a model's adapter layers ---

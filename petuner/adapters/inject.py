@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from petuner.adapters.base import AdapterMethod, adapter_layers, set_submodule
+from petuner.adapters.base import AdapterMethod, Injection, adapter_layers
 from petuner.errors import PetunerError
-
-
-@dataclass
-class Injection:
-    """What ``inject`` did: the wrapped modules and the trained task heads."""
-
-    targets: list[str]
-    head_modules: list[str] = field(default_factory=list)
 
 
 def inject(model: nn.Module, method: AdapterMethod, head_modules: Sequence[str] = ()) -> Injection:
@@ -25,23 +16,7 @@ def inject(model: nn.Module, method: AdapterMethod, head_modules: Sequence[str] 
 
     ``head_modules`` (e.g. a new classification head) always train and are saved with the adapter.
     """
-    if method.trains_base_model():
-        model.requires_grad_(True)
-        return Injection(targets=[], head_modules=list(head_modules))
-    targets = method.select_targets(model, exclude=head_modules)
-    model.requires_grad_(False)
-    for name in targets:
-        base = model.get_submodule(name)
-        set_submodule(model, name, method.make_layer(base))
-    for _, layer in adapter_layers(model):
-        for p in layer.adapter_parameters():
-            p.requires_grad_(True)
-    params = dict(model.named_parameters())
-    for name in method.extra_trainable(model, targets):
-        params[name].requires_grad_(True)
-    for head in head_modules:
-        model.get_submodule(head).requires_grad_(True)
-    return Injection(targets=targets, head_modules=list(head_modules))
+    return method.apply(model, head_modules)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -52,9 +27,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a run saves: every trainable parameter plus adapter layers' own buffers, by name."""
     state = {name: p.detach() for name, p in trainable_parameters(model).items()}
     for layer_name, layer in adapter_layers(model):
-        for buf_name, buf in layer.named_buffers():
-            if not buf_name.startswith("base_layer."):
-                state[f"{layer_name}.{buf_name}"] = buf
+        for buf_name, buf in layer.adapter_buffers().items():
+            state[f"{layer_name}.{buf_name}"] = buf
     return state
 
 

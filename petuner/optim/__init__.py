@@ -1,72 +1,175 @@
 """Optimizers and learning-rate schedules, built from the ``optimizer`` config group.
 
-Each optimizer is a builder in ``OPTIMIZERS``; schedules come from ``transformers.get_scheduler``.
-Parameters are grouped so that weight decay never touches biases, norms or other 1-D tensors.
+Each optimizer is an ``OptimizerSpec`` in ``OPTIMIZERS``: its builder and the config keys it accepts
+(anything else is a misspelling and a one-line ConfigError). Schedules come from
+``transformers.get_scheduler``. Weight decay never touches biases, norms or other 1-D tensors.
+
+- ``adamw``: torch's AdamW, fused kernel where available. ``sgd``: torch's SGD.
+- ``adamw8bit`` / ``paged_adamw8bit``: bitsandbytes (``petuner.optim.bnb``).
+- ``galore`` / ``galore8bit``: petuner's GaLore (``petuner.optim.galore``) for full fine-tuning.
+- ``lora_plus_ratio`` (adamw, sgd, adamw8bit, paged_adamw8bit): LoRA+ (``petuner.optim.groups``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from petuner.errors import ConfigError
+from petuner.optim.groups import NamedParams, galore_groups, param_groups
+from petuner.optim.projectors import PROJECTORS
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-ParamGroups = list[dict[str, Any]]
+COMMON = ("lr", "weight_decay", "schedule", "warmup_steps")
+ADAM = (*COMMON, "betas", "eps")
+BNB = (*ADAM, "lora_plus_ratio", "min_8bit_size", "embeddings_32bit")
+GALORE = (*ADAM, "rank", "update_proj_gap", "scale", "projector", "per_layer")
 
 
-def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> ParamGroups:
-    decay, no_decay = [], []
-    for _, p in named_params:
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def _groups(named: NamedParams, cfg: Any) -> list[dict[str, Any]]:
+    ratio = cfg.get("lora_plus_ratio")
+    return param_groups(named, float(cfg.weight_decay), None if ratio is None else float(cfg.lr) * float(ratio))
 
 
-def _adamw(groups: ParamGroups, cfg: Any, device: torch.device) -> torch.optim.Optimizer:
+def _adamw(model: nn.Module, named: NamedParams, cfg: Any, device: torch.device) -> torch.optim.Optimizer:
     # The fused kernel exists on CUDA (and CPU in recent torch); it gives the same update.
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+    return torch.optim.AdamW(_groups(named, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
-def _sgd(groups: ParamGroups, cfg: Any, device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+def _sgd(model: nn.Module, named: NamedParams, cfg: Any, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.SGD(_groups(named, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-OPTIMIZERS: dict[str, Callable[[ParamGroups, Any, torch.device], torch.optim.Optimizer]] = {
-    "adamw": _adamw,
-    "sgd": _sgd,
+def _adamw8bit(paged: bool) -> Callable[..., torch.optim.Optimizer]:
+    def build(model: nn.Module, named: NamedParams, cfg: Any, device: torch.device) -> torch.optim.Optimizer:
+        from petuner.optim.bnb import adamw8bit
+
+        return adamw8bit(model, _groups(named, cfg), cfg, paged=paged)
+
+    return build
+
+
+def _galore(quantize: bool) -> Callable[..., torch.optim.Optimizer]:
+    def build(model: nn.Module, named: NamedParams, cfg: Any, device: torch.device) -> torch.optim.Optimizer:
+        from petuner.optim.galore import GaLoreAdamW
+
+        return GaLoreAdamW(galore_groups(model, named, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                           quantize=quantize, min_8bit_size=int(cfg.get("min_8bit_size", 0)),
+                           per_layer=bool(cfg.per_layer))
+
+    return build
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    build: Callable[[nn.Module, NamedParams, Any, torch.device], torch.optim.Optimizer]
+    options: tuple[str, ...]  # config keys besides ``name``
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec(_adamw, (*ADAM, "lora_plus_ratio")),
+    "sgd": OptimizerSpec(_sgd, (*COMMON, "momentum", "nesterov", "lora_plus_ratio")),
+    "adamw8bit": OptimizerSpec(_adamw8bit(paged=False), BNB),
+    "paged_adamw8bit": OptimizerSpec(_adamw8bit(paged=True), BNB),
+    "galore": OptimizerSpec(_galore(quantize=False), GALORE),
+    "galore8bit": OptimizerSpec(_galore(quantize=True), (*GALORE, "min_8bit_size")),
 }
 
 
+# --- validation: one line naming the bad value and what is allowed ------------------------------
+
+def _number(cfg: Any, key: str, low: float, *, strict: bool, optional: bool = False) -> None:
+    value = cfg.get(key)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= low if strict else value < low):
+        bound = f"{'>' if strict else '>='} {low:g}"
+        raise ConfigError(f"optimizer.{key}={value!r}: must be a number {bound}" + (" or null" if optional else ""))
+
+
+def _integer(cfg: Any, key: str, low: int) -> None:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"optimizer.{key}={value!r}: must be an integer >= {low}")
+
+
+def _flag(cfg: Any, key: str) -> None:
+    if not isinstance(cfg.get(key), bool):
+        raise ConfigError(f"optimizer.{key}={cfg.get(key)!r}: must be true or false")
+
+
 def check_optimizer_cfg(cfg: Any) -> None:
+    """Check the ``optimizer`` group on its own (keys, types, ranges)."""
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"optimizer={cfg.name!r}: allowed: {', '.join(OPTIMIZERS)}")
-    for key in ("lr", "weight_decay"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
-                (key == "lr" and value == 0):
-            raise ConfigError(f"optimizer.{key}={value!r}: must be a number {'> 0' if key == 'lr' else '>= 0'}")
+    options = OPTIMIZERS[cfg.name].options
+    unknown = sorted(set(cfg.keys()) - {"name", *options})
+    if unknown:
+        raise ConfigError(f"optimizer.{unknown[0]} is not an option of optimizer={cfg.name}; "
+                          f"allowed: {', '.join(options)}")
+    missing = [k for k in options if k not in cfg]
+    if missing:
+        raise ConfigError(f"optimizer.{missing[0]} is missing for optimizer={cfg.name}")
+    _number(cfg, "lr", 0, strict=True)
+    _number(cfg, "weight_decay", 0, strict=False)
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"optimizer.schedule={cfg.schedule!r}: allowed: {', '.join(SCHEDULES)}")
-    if not isinstance(cfg.warmup_steps, int) or cfg.warmup_steps < 0:
-        raise ConfigError(f"optimizer.warmup_steps={cfg.warmup_steps!r}: must be an integer >= 0")
+    _integer(cfg, "warmup_steps", 0)
+    if "betas" in options:
+        betas = cfg.betas
+        if not (hasattr(betas, "__len__") and len(betas) == 2 and all(
+                not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"optimizer.betas={betas!r}: must be two numbers in [0, 1)")
+        _number(cfg, "eps", 0, strict=False)
+    if "lora_plus_ratio" in options:
+        _number(cfg, "lora_plus_ratio", 0, strict=True, optional=True)
+    if "min_8bit_size" in options:
+        _integer(cfg, "min_8bit_size", 0)
+    if "embeddings_32bit" in options:
+        _flag(cfg, "embeddings_32bit")
+    if "rank" in options:
+        _integer(cfg, "rank", 1)
+        _integer(cfg, "update_proj_gap", 1)
+        _number(cfg, "scale", 0, strict=True)
+        if cfg.projector not in PROJECTORS:
+            raise ConfigError(f"optimizer.projector={cfg.projector!r}: allowed: {', '.join(PROJECTORS)}")
+        _flag(cfg, "per_layer")
+    if "momentum" in options:
+        _number(cfg, "momentum", 0, strict=False)
+        _flag(cfg, "nesterov")
 
+
+def check_optimizer_for_trainer(cfg: Any, trainer: Any, compute_dtype: torch.dtype | None) -> None:
+    """Combinations of optimizer and trainer settings that cannot work (checked before any weights load)."""
+    if not cfg.get("per_layer"):
+        return
+    if trainer.get("max_grad_norm") is not None:
+        raise ConfigError(f"optimizer.per_layer=true updates each weight during backward, before a global "
+                          f"gradient norm exists, so trainer.max_grad_norm={trainer.max_grad_norm!r} cannot "
+                          "clip; set trainer.max_grad_norm=null (or optimizer.per_layer=false)")
+    if trainer.grad_accum != 1:
+        raise ConfigError(f"optimizer.per_layer=true steps on every backward, so trainer.grad_accum="
+                          f"{trainer.grad_accum!r} cannot accumulate; set trainer.grad_accum=1")
+    if compute_dtype == torch.float16:
+        raise ConfigError("optimizer.per_layer=true needs unscaled gradients during backward; fp16 loss scaling "
+                          "cannot provide them: use trainer.precision=bf16 or fp32")
+
+
+# --- building --------------------------------------------------------------------------------------
 
 def build_optimizer(model: nn.Module, cfg: Any, device: torch.device,
                     exclude: Collection[str] = ()) -> torch.optim.Optimizer:
     """The main optimizer over every trainable parameter except ``exclude`` (names of parameters a
     method optimizes itself, e.g. SoRA's gates)."""
-    named = [(n, p) for n, p in model.named_parameters() if n not in exclude]
-    groups = param_groups(named, float(cfg.weight_decay))
-    if not groups:
+    named = [(n, p) for n, p in model.named_parameters() if n not in exclude and p.requires_grad]
+    if not named:
         raise ConfigError("nothing to train: the adapter left no parameter with requires_grad")
-    return OPTIMIZERS[cfg.name](groups, cfg, device)
+    return OPTIMIZERS[cfg.name].build(model, named, cfg, device)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> Any:

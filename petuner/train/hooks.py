@@ -7,7 +7,9 @@ state it needs to resume in ``state_dict``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +24,12 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     max_steps: int
     step: int = 0  # optimizer steps completed
-    metrics: dict[str, float] = field(default_factory=dict)  # the latest logged values
+    # This step's values to log; hooks may add their own (e.g. DyLoRA's drawn rank) in before_step.
+    metrics: dict[str, float] = field(default_factory=dict)
+    loss: float = 0.0  # this step's training loss, set before after_backward
+    skip_update: bool = False  # a hook may veto this step's parameter update (the non-finite guard does)
+    run_dir: Path | None = None  # where a hook may write its own artefacts (e.g. SoRA's sparsity curve)
+    evaluate: Callable[[], dict[str, float]] | None = None  # held-out evaluation, for hooks that sweep it
 
 
 class Hook:

@@ -24,6 +24,8 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS_FILE
         if resume_step is not None:
             self._truncate_after(resume_step)
+        else:  # a fresh start: whatever an attempt that died before its first checkpoint logged is void
+            self.path.unlink(missing_ok=True)
         self.wandb: Any = None
         if cfg.name == "wandb" and cfg.mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb

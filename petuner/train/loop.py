@@ -44,6 +44,35 @@ def _private_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.device,
+             compute_dtype: torch.dtype | None) -> dict[str, float]:
+    """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = weight = correct = 0.0
+    loader = DataLoader(data.eval, batch_size=batch_size, collate_fn=data.collate, generator=_private_generator())
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device, compute_dtype):
+            out = model(**batch)
+        labels = batch["labels"]
+        if data.kind == "classification":
+            n = labels.numel()
+            correct += (out.logits.argmax(-1) == labels).sum().item()
+        else:
+            n = (labels[:, 1:] != -100).sum().item()
+        loss_sum += out.loss.float().item() * n
+        weight += n
+    model.train(was_training)
+    metrics = {"eval/loss": loss_sum / weight}
+    if data.kind == "classification":
+        metrics["eval/accuracy"] = correct / weight
+    else:
+        metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))
+    return metrics
+
+
 @dataclass
 class Loop:
     """Everything a run trains with; built by ``petuner.run``."""
@@ -85,33 +114,8 @@ class Loop:
 
     # --- evaluation -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy)."""
-        was_training = self.model.training
-        self.model.eval()
-        loss_sum = weight = correct = 0.0
-        loader = DataLoader(self.data.eval, batch_size=self.cfg.eval_batch_size, collate_fn=self.data.collate,
-                            generator=_private_generator())
-        for batch in loader:
-            batch = self.to_device(batch)
-            with autocast(self.device, self.compute_dtype):
-                out = self.model(**batch)
-            labels = batch["labels"]
-            if self.data.kind == "classification":
-                n = labels.numel()
-                correct += (out.logits.argmax(-1) == labels).sum().item()
-            else:
-                n = (labels[:, 1:] != -100).sum().item()
-            loss_sum += out.loss.float().item() * n
-            weight += n
-        self.model.train(was_training)
-        metrics = {"eval/loss": loss_sum / weight}
-        if self.data.kind == "classification":
-            metrics["eval/accuracy"] = correct / weight
-        else:
-            metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))
-        return metrics
+        return evaluate(self.model, self.data, self.cfg.eval_batch_size, self.device, self.compute_dtype)
 
     def run_eval(self, state: TrainState) -> dict[str, float]:
         metrics = self.evaluate()
@@ -126,7 +130,8 @@ class Loop:
     def train(self, start_step: int = 0) -> dict[str, float]:
         cfg, model, optimizer = self.cfg, self.model, self.optimizer
         max_steps = self.total_steps()
-        state = TrainState(model=model, optimizer=optimizer, max_steps=max_steps, step=start_step)
+        state = TrainState(model=model, optimizer=optimizer, max_steps=max_steps, step=start_step,
+                           run_dir=self.run_dir, evaluate=self.evaluate)
         trainable = [p for p in model.parameters() if p.requires_grad]
         results: dict[str, float] = {}
         if start_step == 0:
@@ -137,6 +142,7 @@ class Loop:
                                            dynamic_ncols=True) as bar:
             while state.step < max_steps:
                 t0 = time.perf_counter()
+                state.metrics, state.skip_update = {}, False
                 for hook in self.hooks:
                     hook.before_step(state)
                 loss_sum, tokens = 0.0, 0
@@ -148,12 +154,14 @@ class Loop:
                     loss_sum += loss.item()
                     tokens += int(batch["attention_mask"].sum())
                 self.scaler.unscale_(optimizer)
+                state.loss = loss_sum
                 for hook in self.hooks:
                     hook.after_backward(state)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
                              if cfg.max_grad_norm else float("nan"))
                 lr = optimizer.param_groups[0]["lr"]
-                self.scaler.step(optimizer)
+                if not state.skip_update:
+                    self.scaler.step(optimizer)
                 self.scaler.update()
                 self.scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -162,8 +170,8 @@ class Loop:
                     hook.after_optimizer_step(state)
 
                 seconds = time.perf_counter() - t0
-                state.metrics = {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
-                                 "train/tokens_per_s": tokens / seconds, "train/step_s": seconds}
+                state.metrics.update({"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
+                                      "train/tokens_per_s": tokens / seconds, "train/step_s": seconds})
                 if state.step % cfg.log_every == 0 or state.step == max_steps:
                     self.metrics.log(state.metrics, state.step)
                 bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")

@@ -1,0 +1,88 @@
+"""Block-LoRA ("One Head Eight Arms", 2025): LoRA with one down-projection block shared by all input blocks.
+
+The paper partitions LoRA's factors into n blocks and shares every down-projection block; it
+publishes no code. The reading implemented here: split the input x (size in) into n equal
+consecutive chunks x_1 … x_n (in/n each) that all go through the same A_s (r × in/n), so the n
+products collapse into one after an addition:
+
+    ΔW x = s · B · A_s · (x_1 + … + x_n)
+
+which is exactly a plain LoRA whose A is the shared block repeated, A = [A_s A_s … A_s] (r × in).
+That is also how it merges and exports to peft (``as_lora``). Parameters per layer: out·r + r·in/n
+instead of LoRA's (out + in)·r. A_s starts Kaiming-uniform (as LoRA's A, on its own fan-in in/n),
+B at zero; s = alpha/r (or alpha/√r with rslora). n must divide every target's input size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from petuner.adapters.base import AdapterLayer, LoRAFactors, check_positive
+from petuner.adapters.lora import LORA_OPTIONS, LoRA, lora_scaling
+from petuner.adapters.registry import register_adapter
+from petuner.errors import ConfigError
+
+
+class BlockLoRALinear(AdapterLayer):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, n_blocks: int, dropout: float = 0.0,
+                 scaling: str = "standard") -> None:
+        super().__init__(base_layer)
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.r = r
+        self.n_blocks = n_blocks
+        self.scaling = lora_scaling(alpha, r, scaling)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(base_layer.in_features // n_blocks, r, bias=False, **factory)  # A_s
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        summed = x.unflatten(-1, (self.n_blocks, -1)).sum(-2)  # x_1 + … + x_n
+        return self.lora_B(self.lora_A(summed)) * self.scaling
+
+    def full_A(self) -> torch.Tensor:
+        """The equivalent LoRA's A = [A_s … A_s] (r × in)."""
+        return self.lora_A.weight.repeat(1, self.n_blocks)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.full_A()) * self.scaling
+
+    def as_lora(self) -> LoRAFactors:
+        return LoRAFactors(A=self.full_A(), B=self.lora_B.weight, scaling=self.scaling)
+
+
+@register_adapter
+class BlockLoRA(LoRA):
+    """``adapter=block_lora``: LoRA's options plus ``n_blocks``; exports as the equivalent plain LoRA."""
+
+    name = "block_lora"
+    options: ClassVar[tuple[str, ...]] = (*LORA_OPTIONS, "n_blocks")
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        check_positive(self.cfg, "n_blocks", integer=True)
+
+    def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+        targets = super().select_targets(model, exclude)
+        n = self.cfg.n_blocks
+        for name in targets:
+            size = model.get_submodule(name).in_features
+            if size % n:
+                allowed = [d for d in range(1, size + 1) if size % d == 0]
+                raise ConfigError(f"adapter.n_blocks={n} does not divide the input size {size} of {name}; "
+                                  f"allowed: a divisor of every target's input size ({size}: "
+                                  f"{', '.join(map(str, allowed))})")
+        return targets
+
+    def make_layer(self, base_layer: nn.Linear) -> BlockLoRALinear:
+        c = self.cfg
+        return BlockLoRALinear(base_layer, r=c.r, alpha=c.alpha, n_blocks=c.n_blocks, dropout=c.dropout,
+                               scaling=c.scaling)

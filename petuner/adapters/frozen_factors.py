@@ -1,0 +1,69 @@
+"""The shared shape of SVFit and LoLDU: a frozen rank-r sandwich B₀ · diag(d) · A₀ of which only the
+diagonal d trains.
+
+Both methods write W = (frozen residual) + B₀ diag(d) A₀ with d starting at d₀, so that the model
+starts unchanged. The same function is computed here without touching W:
+
+    y = W x + B₀ · diag(d − d₀) · A₀ x
+
+which keeps the base weight bit-exact (disabling the adapter gives the base model) and makes the
+update a rank-r LoRA with A = A₀, B = B₀ diag(d − d₀), scaling 1 — its peft export. The factors are
+buffers saved with the adapter, so a reload never depends on a decomposition being recomputed
+identically on another device.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from petuner.adapters.base import AdapterLayer, AdapterMethod, LoRAFactors, check_rank_fits, match_targets
+
+
+class FrozenFactorsLinear(AdapterLayer):
+    def __init__(self, base_layer: nn.Linear, factor_B: torch.Tensor, factor_A: torch.Tensor,
+                 initial_diag: torch.Tensor) -> None:
+        super().__init__(base_layer)
+        dtype = base_layer.weight.dtype
+        self.register_buffer("factor_B", factor_B.to(dtype))  # out × r
+        self.register_buffer("factor_A", factor_A.to(dtype))  # r × in
+        self.register_buffer("initial_diag", initial_diag.to(dtype))  # r
+
+    @abstractmethod
+    def diagonal(self) -> torch.Tensor:
+        """The current diagonal d (r), a function of the trained parameters."""
+
+    def change(self) -> torch.Tensor:
+        return self.diagonal() - self.initial_diag
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.factor_A.dtype)
+        return (x @ self.factor_A.T * self.change()) @ self.factor_B.T
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.factor_B * self.change()) @ self.factor_A
+
+    def as_lora(self) -> LoRAFactors:
+        return LoRAFactors(A=self.factor_A, B=self.factor_B * self.change(), scaling=1.0)
+
+
+class FrozenFactorsMethod(AdapterMethod):
+    """What SVFit and LoLDU share as methods: rank-r targets, and a peft export as a scaling-1 LoRA."""
+
+    def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+        targets = match_targets(model, self.cfg.target_modules, exclude)
+        check_rank_fits(model, targets, self.cfg.r)
+        return targets
+
+    def peft_config(self, targets: Sequence[str], task: str, head_modules: Sequence[str],
+                    base_model_name_or_path: str | None) -> Any:
+        from peft import LoraConfig
+
+        # scaling 1: lora_alpha = r (the export also sets both from the factors it writes)
+        return LoraConfig(r=self.cfg.r, lora_alpha=self.cfg.r, target_modules=list(targets),
+                          modules_to_save=list(head_modules) or None, task_type=self.peft_task_types[task],
+                          base_model_name_or_path=base_model_name_or_path)

@@ -1,0 +1,125 @@
+"""QLoRA (Dettmers et al., 2023): a LoRA on top of a frozen 4-bit NormalFloat base.
+
+Only the target modules are quantized (``target_modules: all-linear`` is the paper's setting). Each
+target's weight is quantized by bitsandbytes (``Linear4bit``, NF4, blocks of 64, double
+quantization of the absmaxes: 4.127 bits per weight; works on CPU and CUDA); the LoRA factors, their
+init and scaling are ``LoRALinear``'s. A quantized weight cannot absorb an update exactly, so merging
+keeps a dequantized dense copy for the duration, and ``to_linear`` (the merged export) returns a
+full-precision ``nn.Linear`` holding the dequantized base plus the update.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from petuner.adapters.lora import LORA_OPTIONS, LoRA, LoRALinear
+from petuner.adapters.registry import register_adapter
+
+NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
+
+
+class QuantizedBaseLoRA(LoRALinear):
+    """A LoRA over a base layer that holds its weight quantized: merge works on a dequantized copy."""
+
+    quantized_base: ClassVar[bool] = True
+
+    def __init__(self, base_layer: nn.Linear, quantized: nn.Module, r: int, alpha: float, dropout: float,
+                 scaling: str) -> None:
+        super().__init__(base_layer, r=r, alpha=alpha, dropout=dropout, scaling=scaling)
+        self.base_layer = quantized  # the full-precision weight is dropped here
+        self._merged_weight: torch.Tensor | None = None
+
+    @abstractmethod
+    def base_weight(self) -> torch.Tensor:
+        """The dequantized base weight (out × in)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged and self._merged_weight is not None:
+            bias = self.base_layer.bias
+            return F.linear(x, self._merged_weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return super().forward(x)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        return self.base_weight().to(self.lora_A.weight.dtype) + self.delta_weight()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._merged_weight = self.merged_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        self._merged_weight = None
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A full-precision Linear: dequantized base + adapter."""
+        weight = self.merged_weight()
+        bias = self.base_layer.bias
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
+                           dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+        return linear
+
+
+def nf4_linear(linear: nn.Linear) -> nn.Module:
+    """``linear`` as a bitsandbytes NF4 layer with double quantization, on the same device."""
+    import bitsandbytes as bnb
+
+    weight = linear.weight
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=weight.dtype,
+                              compress_statistics=True, quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.detach().clone(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")
+    layer.bias = linear.bias
+    # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place at the first eval-mode forward
+    # without gradients, and from then on computes through a kernel that has no backward: gradients
+    # through the base would be silently lost in the training that follows an evaluation.
+    layer.support_avx512bf16_for_cpu = False
+    return layer.to(weight.device)  # Params4bit quantizes on its move to a device
+
+
+class QLoRALinear(QuantizedBaseLoRA):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 scaling: str = "standard") -> None:
+        super().__init__(base_layer, nf4_linear(base_layer), r=r, alpha=alpha, dropout=dropout, scaling=scaling)
+
+    def base_weight(self) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        weight = self.base_layer.weight
+        return dequantize_4bit(weight.data, weight.quant_state)
+
+
+@register_adapter
+class QLoRA(LoRA):
+    """``adapter=qlora``: LoRA's options; the targets' weights are stored NF4 (bitsandbytes)."""
+
+    name = "qlora"
+    options: ClassVar[tuple[str, ...]] = LORA_OPTIONS
+
+    def make_layer(self, base_layer: nn.Linear) -> QLoRALinear:
+        c = self.cfg
+        return QLoRALinear(base_layer, r=c.r, alpha=c.alpha, dropout=c.dropout, scaling=c.scaling)
+
+    def export_note(self, fmt: str) -> str:
+        if fmt == "peft":
+            return ("These LoRA factors were trained over the base model with the weights of their target modules "
+                    "NF4-quantized (bitsandbytes `quantize_4bit(w, blocksize=64, quant_type=\"nf4\", "
+                    "compress_statistics=True)`, double quantization). Rebuild that base with "
+                    "`petuner.load(<run folder>)`; on the full-precision base they are an approximation.")
+        return ("The base was NF4-quantized during training: this model holds the dequantized base weights "
+                "with the adapter merged, in full precision.")
+
+    def report(self) -> dict[str, Any]:
+        return {"bits_per_param": NF4_BITS_PER_PARAM, "quantization": "bitsandbytes nf4, double quant"}

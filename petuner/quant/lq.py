@@ -1,0 +1,83 @@
+"""LQ-LoRA's decomposition (Guo et al., ICLR 2024): W ≈ Q + L1·L2, Q quantized, L1·L2 of rank r.
+
+Alternate: L1·L2 = rank-r SVD of W − Q, then Q = quantize(W − L1·L2); stop when the error stops
+falling and keep the BEST iterate (the reference code keeps the last one). With a diagonal Fisher F,
+the SVD and the error are weighted: rows by sqrt(mean_j F_ij), columns by sqrt(mean_i F_ij), i.e.
+error = ‖D_r (W − Q − L1 L2) D_c‖²_F, and the SVD is of D_r R D_c, unweighted afterwards.
+The SVD is ``torch.svd_lowrank`` under a fixed seed, so a decomposition is reproducible (and cacheable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from petuner.quant.nf import NFQuantized, round_nf
+
+SVD_OVERSAMPLE = 8
+SVD_POWER_ITERATIONS = 4
+
+
+@dataclass
+class Decomposition:
+    q: NFQuantized
+    L1: torch.Tensor  # out × r
+    L2: torch.Tensor  # r × in
+    errors: list[float]  # the (weighted) squared error of every iterate computed
+    best: int  # index of the kept iterate
+
+    @property
+    def error(self) -> float:
+        return self.errors[self.best]
+
+
+def weighted_error(residual: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None) -> float:
+    """‖D_r R D_c‖²_F (plain squared Frobenius norm without weights)."""
+    if row is not None and col is not None:
+        residual = residual * row[:, None] * col[None, :]
+    return float(residual.double().pow(2).sum())
+
+
+def low_rank(residual: torch.Tensor, rank: int, row: torch.Tensor | None = None, col: torch.Tensor | None = None,
+             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 (m×r), L2 (r×n) with L1 L2 the best rank-r approximation of R (in the weighted norm); √S in both."""
+    weighted = residual if row is None or col is None else residual * row[:, None] * col[None, :]
+    q = min(rank + SVD_OVERSAMPLE, *weighted.shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(weighted, q=q, niter=SVD_POWER_ITERATIONS)
+    root = s[:rank].sqrt()
+    l1, l2 = u[:, :rank] * root, (v[:, :rank] * root).T
+    if row is not None and col is not None:
+        l1, l2 = l1 / row[:, None], l2 / col[None, :]
+    return l1.contiguous(), l2.contiguous()
+
+
+def lq_decompose(weight: torch.Tensor, rank: int, bits: int, block_size: int, iterations: int,
+                 row: torch.Tensor | None = None, col: torch.Tensor | None = None) -> Decomposition:
+    """The iterative low-rank + quantized decomposition of one matrix; returns the best iterate."""
+    w = weight.detach().float()
+    q_dense = torch.zeros_like(w)
+    errors: list[float] = []
+    best = None
+    for step in range(iterations):
+        l1, l2 = low_rank(w - q_dense, rank, row, col)
+        low = l1 @ l2
+        rounded = round_nf(w - low, bits, block_size)
+        q_dense = rounded.dense
+        errors.append(weighted_error(w - q_dense - low, row, col))
+        if best is None or errors[-1] < errors[best[0]]:
+            best = (step, rounded, l1, l2)
+        elif errors[-1] >= errors[-2]:
+            break
+    assert best is not None
+    step, rounded, l1, l2 = best
+    return Decomposition(q=rounded.packed(), L1=l1, L2=l2, errors=errors, best=step)
+
+
+def fisher_weights(fisher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column weights sqrt(mean_j F), sqrt(mean_i F), floored so none is zero."""
+    row, col = fisher.mean(1).sqrt(), fisher.mean(0).sqrt()
+    floor = 1e-6 * max(float(row.mean()), float(col.mean()), 1e-30)
+    return row.clamp_min(floor), col.clamp_min(floor)

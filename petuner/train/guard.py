@@ -1,0 +1,55 @@
+"""The non-finite guard: a NaN or inf loss or gradient is caught in the step it appears.
+
+``trainer.on_nonfinite=stop`` (default) ends the run at once with one line; nothing is saved after
+the bad step, so the last checkpoint is the last good state. ``skip`` drops that step's update (the
+batch is consumed, the schedule moves on) and counts it in ``train/skipped_steps``. Under fp16 the
+gradient scaler already skips overflowing steps, so only the loss is checked there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from petuner.errors import ConfigError, PetunerError
+from petuner.train.checkpoint import latest_checkpoint
+from petuner.train.hooks import Hook, TrainState
+
+ACTIONS = ("stop", "skip")
+
+
+class NonFiniteGuard(Hook):
+    def __init__(self, action: str, check_grads: bool = True) -> None:
+        if action not in ACTIONS:
+            raise ConfigError(f"trainer.on_nonfinite={action!r}: allowed: {', '.join(ACTIONS)}")
+        self.action, self.check_grads = action, check_grads
+        self.skipped = 0
+
+    def after_backward(self, state: TrainState) -> None:
+        bad = "loss" if not math.isfinite(state.loss) else None
+        if bad is None and self.check_grads:
+            grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+            if grads and not torch.isfinite(torch.stack([g.float().abs().max() for g in grads])).all():
+                bad = "gradient"
+        if bad is None:
+            return
+        if self.action == "stop":
+            last = latest_checkpoint(state.run_dir) if state.run_dir else None
+            raise PetunerError(f"non-finite {bad} at step {state.step + 1} (loss {state.loss}); stopped "
+                               f"(trainer.on_nonfinite=skip drops such steps); last good checkpoint: {last or 'none'}")
+        self.skipped += 1
+        state.skip_update = True
+        state.optimizer.zero_grad(set_to_none=True)
+        for p in state.model.parameters():  # also what methods update themselves (SoRA's gates)
+            p.grad = None
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        state.metrics["train/skipped_steps"] = self.skipped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = int(state["skipped"])

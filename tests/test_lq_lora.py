@@ -1,0 +1,210 @@
+"""LQ-LoRA: the decomposition, the ILP bit allocation, the adapter, its cache, training and exports."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import petuner
+import petuner.adapters.lq_lora as lq_module
+from petuner.adapters import adapter_layers, build_adapter, inject
+from petuner.errors import ConfigError
+from petuner.export import export
+from petuner.models import load_model
+from petuner.quant import allocate, bits_per_param, fisher_weights, lq_decompose, quantize, weighted_error
+from petuner.run import run
+from tests.test_lora import tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Decompositions go to a per-test cache, so every test computes its own."""
+    monkeypatch.setattr(lq_module, "decomposition_cache", lambda: tmp_path / "lq_cache")
+
+
+def low_rank_plus_noise(m: int = 256, n: int = 256, rank: int = 4, seed: int = 0) -> torch.Tensor:
+    """A weight with a few strong directions (as trained LLM weights have) on top of Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)) * 0.05 + \
+        torch.randn(m, n, generator=g) * 0.02
+
+
+def lq_cfg(**kw):
+    base = {"name": "lq_lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+            "scaling": "standard", "bias": "none", "bits": 3, "block_size": 64, "iterations": 4, "fisher": False,
+            "calibration_batches": 2, "budget_bits": None}
+    return OmegaConf.create({**base, **kw})
+
+
+# --- the decomposition -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_kept_iterate_has_the_least_error_and_it_is_the_true_error(bits: int) -> None:
+    w = low_rank_plus_noise()
+    dec = lq_decompose(w, rank=4, bits=bits, block_size=64, iterations=8)
+    assert dec.error == min(dec.errors) and dec.error <= dec.errors[0]
+    residual = w - dec.q.dequantize() - dec.L1 @ dec.L2
+    assert weighted_error(residual, None, None) == pytest.approx(dec.error, rel=1e-6)
+    # it stops at the first iterate that does not improve, or runs them all
+    assert len(dec.errors) == 8 or dec.errors[-1] >= dec.errors[-2]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_decomposition_beats_plain_quantization_at_equal_quantization_bits(bits: int) -> None:
+    w = low_rank_plus_noise()
+    dec = lq_decompose(w, rank=4, bits=bits, block_size=64, iterations=5)
+    plain = weighted_error(w - quantize(w, bits, 64).dequantize(), None, None)
+    assert dec.error < 0.8 * plain
+
+
+def test_three_bit_lq_beats_four_bit_plain_at_fewer_total_bits() -> None:
+    w = low_rank_plus_noise()
+    dec = lq_decompose(w, rank=4, bits=3, block_size=64, iterations=5)
+    lq_bits = bits_per_param(3, 64) + 16 * 4 * sum(w.shape) / w.numel()  # 16-bit L1, L2
+    assert lq_bits < bits_per_param(4, 64)
+    assert dec.error < weighted_error(w - quantize(w, 4, 64).dequantize(), None, None)
+
+
+def test_fisher_weighting_lowers_the_weighted_error() -> None:
+    w = low_rank_plus_noise()
+    g = torch.Generator().manual_seed(1)
+    fisher = torch.rand(256, 1, generator=g) ** 4 * torch.rand(1, 256, generator=g) ** 4  # uneven importance
+    row, col = fisher_weights(fisher)
+    weighted = lq_decompose(w, 4, 3, 64, 5, row, col)
+    plain = lq_decompose(w, 4, 3, 64, 5)
+    plain_in_weighted_norm = weighted_error(w - plain.q.dequantize() - plain.L1 @ plain.L2, row, col)
+    assert weighted.error < plain_in_weighted_norm
+
+
+# --- the bit allocation ------------------------------------------------------------------------
+
+def test_ilp_is_optimal_and_within_budget_on_a_brute_forceable_case() -> None:
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 10, size=6) * 1000
+    per_param = np.array([bits_per_param(b, 64) for b in (2, 3, 4, 8)])
+    bits = sizes[:, None] * per_param[None, :]
+    errors = sizes[:, None] * rng.uniform(0.5, 2, size=(6, 1)) * np.array([16.0, 4.0, 1.0, 0.01])[None, :]
+    for budget_per_param in (2.5, 3.0, 3.5, 5.0):
+        budget = budget_per_param * sizes.sum()
+        picks = allocate(errors, bits, budget)
+        assert sum(bits[i, c] for i, c in enumerate(picks)) <= budget
+        best = min((sum(errors[i, c] for i, c in enumerate(choice)), choice)
+                   for choice in itertools.product(range(4), repeat=6)
+                   if sum(bits[i, c] for i, c in enumerate(choice)) <= budget)
+        assert sum(errors[i, c] for i, c in enumerate(picks)) == pytest.approx(best[0], rel=1e-9)
+
+
+def test_ilp_rejects_a_budget_below_the_cheapest_allocation() -> None:
+    with pytest.raises(ConfigError, match="below the cheapest allocation"):
+        allocate(np.ones((2, 2)), np.array([[2.0, 4.0], [2.0, 4.0]]), 3.0)
+
+
+# --- the adapter -------------------------------------------------------------------------------
+
+def test_adapter_starts_at_q_plus_low_rank_and_holds_only_packed_weights() -> None:
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    inject(model, build_adapter(lq_cfg()))
+    for name, layer in adapter_layers(model):
+        w = base.get_submodule(name).weight
+        dec = lq_decompose(w, rank=4, bits=3, block_size=64, iterations=4)  # what the layer was built from
+        torch.testing.assert_close(layer.base_weight(), dec.q.dequantize(), atol=0, rtol=0)
+        torch.testing.assert_close(layer.delta_weight(), dec.L1 @ dec.L2, atol=1e-6, rtol=1e-5)  # s·B·A = L1·L2
+        assert (layer.merged_weight() - w).norm() < (quantize(w, 3, 64).dequantize() - w).norm()
+        assert not any(t.shape == w.shape for t in [*layer.base_layer.parameters(), *layer.base_layer.buffers()])
+        held = sum(b.numel() * b.element_size() for b in layer.base_layer.buffers())
+        assert held * 8 == pytest.approx(w.numel() * bits_per_param(3, 64), rel=0.02)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    plain = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, _ in adapter_layers(model):
+            weight = plain.get_submodule(name).weight
+            weight.copy_(quantize(weight, 3, 64).dequantize())
+        ref = base(input_ids=ids).logits
+        assert (model(input_ids=ids).logits - ref).abs().max() < (plain(input_ids=ids).logits - ref).abs().max()
+
+
+def test_no_reference_to_the_full_precision_weights_survives_injection() -> None:
+    import gc
+    import weakref
+
+    model = tiny_llama()
+    method = build_adapter(lq_cfg())
+    originals = [weakref.ref(model.get_submodule(n).weight) for n in method.select_targets(model)]
+    inject(model, method)
+    gc.collect()
+    assert all(ref() is None for ref in originals)
+
+
+def test_budget_allocation_respects_the_budget_and_reports_every_matrix() -> None:
+    model = tiny_llama()
+    method = build_adapter(lq_cfg(target_modules="all-linear", budget_bits=3.0))
+    injection = inject(model, method)
+    report = method.report()
+    assert set(report["matrices"]) == set(injection.targets)
+    assert {m["bits"] for m in report["matrices"].values()} <= {2, 3, 4, 8}
+    assert len({m["bits"] for m in report["matrices"].values()}) > 1  # a real mix, not one width
+    assert report["quantized_bits_per_param"] <= 3.0
+    held = sum(b.numel() * b.element_size() for _, layer in adapter_layers(model) for b in layer.base_layer.buffers())
+    assert report["quantized_bytes"] == held
+    assert report["bits_per_param"] == pytest.approx(report["quantized_bits_per_param"]
+                                                     + report["low_rank_bits_per_param"])
+
+
+def test_a_second_injection_reads_the_decompositions_from_the_cache(monkeypatch) -> None:
+    first = tiny_llama()
+    inject(first, build_adapter(lq_cfg()))
+    calls = []
+    monkeypatch.setattr(lq_module, "lq_decompose", lambda *a, **k: calls.append(a))
+    second = tiny_llama()
+    inject(second, build_adapter(lq_cfg()))
+    assert calls == []
+    for (_, a), (_, b) in zip(adapter_layers(first), adapter_layers(second), strict=True):
+        assert torch.equal(a.base_layer.codes, b.base_layer.codes)
+        assert torch.equal(a.lora_B.weight, b.lora_B.weight)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("bits", 5, r"adapter.bits=5: allowed: 2, 3, 4, 8"),
+    ("block_size", 100, r"adapter.block_size=100: allowed: 16, 32, 64"),
+    ("budget_bits", 1.5, r"adapter.budget_bits=1.5: must be null or a number >= 2.127"),
+    ("iterations", 0, r"adapter.iterations=0: must be an integer > 0"),
+    ("fisher", "yes", r"adapter.fisher='yes': must be true or false"),
+])
+def test_bad_options_are_one_clear_line(key: str, value, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        build_adapter(lq_cfg(**{key: value}))
+    assert "\n" not in str(err.value)
+
+
+# --- a real run --------------------------------------------------------------------------------
+
+def test_fisher_run_trains_and_its_exports_match_the_adapter_model(cfg_factory, tmp_path) -> None:
+    cfg = cfg_factory("adapter=lq_lora", "adapter.fisher=true", "adapter.calibration_batches=2",
+                      "adapter.budget_bits=3.5", "adapter.r=4", "adapter.iterations=3")
+    info = run(cfg)
+    assert info["results"]["eval/loss_after"] < info["results"]["eval/loss_before"]
+    assert info["adapter_report"]["quantized_bits_per_param"] <= 3.5
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    loaded, _ = petuner.load(cfg.run_dir)  # rebuilt from the cache (Fisher and decompositions)
+    with torch.no_grad():
+        ours = loaded(input_ids=ids).logits
+    merged = AutoModelForCausalLM.from_pretrained(export(cfg.run_dir, "merged", tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - ours).abs().max() <= 1e-4
+    out = export(cfg.run_dir, "peft", tmp_path / "peft")
+    assert "quantized base Q" in (out / "README.md").read_text()
+    base = load_model(cfg.model)  # the base as the adapter saw it: Q, dequantized
+    with torch.no_grad():
+        for name, layer in adapter_layers(loaded):
+            base.get_submodule(name).weight.copy_(layer.base_weight())
+    reloaded = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - ours).abs().max() <= 1e-5
