@@ -104,6 +104,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("parameters: %s trainable of %s (%.3f%%); adapter=%s on %d modules", f"{trainable:,}",
              f"{total:,}", 100 * trainable / total, method.name, len(injection.targets))
     model.to(device)
+    if getattr(model.config, "use_cache", False):
+        model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
