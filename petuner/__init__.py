@@ -18,14 +18,14 @@ def load(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
     gives petuner's model with its adapter; a merged export the plain transformers model; a peft export
     the ``PeftModel`` on its rebuilt base.
     """
-    from petuner.manifest import verify_manifest
+    from petuner.manifest import read_manifest, verify_manifest
     from petuner.run_folder import load as load_run
     from petuner.run_folder import load_export
 
-    manifest = verify_manifest(Path(path))
+    manifest = read_manifest(Path(path))
     if manifest is not None and manifest.get("kind", "").startswith("export-"):
-        return load_export(Path(path), manifest)
-    loaded = load_run(path, **kwargs)
+        return load_export(Path(path), verify_manifest(Path(path)))
+    loaded = load_run(path, **kwargs)  # verifies the run folder's manifest itself
     return loaded.model, loaded.tokenizer
 
 

@@ -44,6 +44,10 @@ def _private_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.device,
              compute_dtype: torch.dtype | None) -> dict[str, float]:
@@ -53,7 +57,7 @@ def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.
     loss_sum = weight = correct = 0.0
     loader = DataLoader(data.eval, batch_size=batch_size, collate_fn=data.collate, generator=_private_generator())
     for batch in loader:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, device)
         with autocast(device, compute_dtype):
             out = model(**batch)
         labels = batch["labels"]
@@ -109,8 +113,6 @@ class Loop:
                                   num_workers=self.cfg.num_workers, generator=_private_generator())
             epoch, offset = epoch + 1, 0
 
-    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # --- evaluation -----------------------------------------------------------------------------
 
@@ -147,7 +149,7 @@ class Loop:
                     hook.before_step(state)
                 loss_sum, tokens = 0.0, 0
                 for _ in range(cfg.grad_accum):
-                    batch = self.to_device(next(batches))
+                    batch = to_device(next(batches), self.device)
                     with autocast(self.device, self.compute_dtype):
                         loss = model(**batch).loss / cfg.grad_accum
                     self.scaler.scale(loss).backward()
