@@ -7,6 +7,8 @@ fused AdamW, gradient clipping at 1.0, cosine schedule with 2 warmup steps, bf16
 on CPU. Contenders:
 
 - ``petuner``: ``petuner.run.run``; step times and tokens/s read from the run's ``metrics.jsonl``.
+- ``petuner-all-logits``: the same with ``trainer.labelled_logits=false``: the output layer runs at every
+  position, as in the peers, so this row is the loop against the loop.
 - ``peft+torch``: ``peft.get_peft_model`` and the textbook loop (forward, backward, clip, step, schedule).
 - ``peft+Trainer``: ``peft.get_peft_model`` and ``transformers.Trainer`` (max_steps, no evaluation, no saving,
   no reporting); a step is timed from ``on_step_begin`` to ``on_step_end``, which leaves out Trainer's batch
@@ -40,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONTENDERS = ("petuner", "peft+torch", "peft+Trainer")
-PEERS = ("peft+torch", "peft+Trainer")
+CONTENDERS = ("petuner", "petuner-all-logits", "peft+torch", "peft+Trainer")
+PEERS = ("petuner-all-logits", "peft+torch", "peft+Trainer")
 COMMON = ("adapter=lora", "adapter.r=8", "adapter.alpha=16", "adapter.target_modules=[q_proj,v_proj]",
           "logger=none", "data=chatterbot", "data.max_length=128", "data.eval_size=8", "trainer.batch_size=8",
           "trainer.eval_batch_size=8", "trainer.save_every=null", "trainer.max_grad_norm=1.0",
@@ -53,11 +55,11 @@ DEFAULT_STEPS = {"tiny_llama": 15, "smollm2_135m": 6}
 # --- one run (child process) ----------------------------------------------------------------------
 
 
-def compose(model: str, dropout: float, steps: int, run_dir: Path) -> Any:
+def compose(model: str, dropout: float, steps: int, run_dir: Path, *extra: str) -> Any:
     from petuner.config import compose_config
 
     return compose_config([*COMMON, f"model={model}", f"adapter.dropout={dropout}", f"trainer.max_steps={steps}",
-                           f"run_dir={run_dir}"])
+                           f"run_dir={run_dir}", *extra])
 
 
 def linear_weights(model: Any) -> tuple[int, int]:
@@ -202,8 +204,9 @@ def run_peft_trainer(cfg: Any, out_dir: Path) -> dict[str, Any]:
 
 def child(contender: str, model: str, dropout: float, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose(model, dropout, steps, Path(tmp) / "run")
-        if contender == "petuner":
+        all_logits = ("trainer.labelled_logits=false",) if contender == "petuner-all-logits" else ()
+        cfg = compose(model, dropout, steps, Path(tmp) / "run", *all_logits)
+        if contender.startswith("petuner"):
             return run_petuner(cfg)
         if contender == "peft+torch":
             return run_peft_torch(cfg)
@@ -314,7 +317,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         med = [rows[c]["step_s"]["median"] * 1e3 for c in CONTENDERS]
         err = [[m - rows[c]["step_s"]["min"] * 1e3 for m, c in zip(med, CONTENDERS, strict=True)],
                [rows[c]["step_s"]["max"] * 1e3 - m for m, c in zip(med, CONTENDERS, strict=True)]]
-        ax.bar(range(len(CONTENDERS)), med, yerr=err, capsize=4, color=["tab:blue", "tab:orange", "tab:green"])
+        ax.bar(range(len(CONTENDERS)), med, yerr=err, capsize=4,
+               color=["tab:blue", "tab:cyan", "tab:orange", "tab:green"])
         ax.set_xticks(range(len(CONTENDERS)), CONTENDERS, rotation=20, fontsize=8)
         ax.set_title(key.replace("@", ", dropout "), fontsize=9)
         ax.set_ylabel("step time, ms (median, min–max)", fontsize=8)

@@ -13,19 +13,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from petuner.checks import check_flag, check_number
 from petuner.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXPORTS = (None, "merged", "peft")
-
-
-def _int_at_least(cfg: Any, key: str, low: int, *, optional: bool = False, prefix: str = "trainer") -> None:
-    value = cfg.get(key)
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        allowed = f"an integer >= {low}" + (" or null" if optional else "")
-        raise ConfigError(f"{prefix}.{key}={value!r}: must be {allowed}")
 
 
 def check_trainer_cfg(cfg: Any) -> None:
@@ -33,23 +25,19 @@ def check_trainer_cfg(cfg: Any) -> None:
 
     if cfg.get("max_steps") is None and cfg.get("epochs") is None:
         raise ConfigError("trainer.max_steps and trainer.epochs are both null: set one of them")
-    _int_at_least(cfg, "max_steps", 1, optional=True)
-    _int_at_least(cfg, "epochs", 1, optional=True)
+    for key in ("max_steps", "epochs", "eval_every", "save_every"):
+        check_number(cfg, key, "trainer", low=1, strict=False, integer=True, optional=True)
     for key in ("batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every"):
-        _int_at_least(cfg, key, 1)
-    for key in ("eval_every", "save_every"):
-        _int_at_least(cfg, key, 1, optional=True)
-    _int_at_least(cfg, "seed", 0)
-    _int_at_least(cfg, "num_workers", 0)
-    norm = cfg.get("max_grad_norm")
-    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm <= 0):
-        raise ConfigError(f"trainer.max_grad_norm={norm!r}: must be a number > 0 or null")
+        check_number(cfg, key, "trainer", low=1, strict=False, integer=True)
+    for key in ("seed", "num_workers"):
+        check_number(cfg, key, "trainer", strict=False, integer=True)
+    check_number(cfg, "max_grad_norm", "trainer", optional=True)
     if cfg.precision not in ("auto", *PRECISIONS):
         raise ConfigError(f"trainer.precision={cfg.precision!r}: allowed: auto, {', '.join(PRECISIONS)}")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"trainer.on_nonfinite={cfg.on_nonfinite!r}: allowed: stop, skip")
-    if not isinstance(cfg.resume, bool):
-        raise ConfigError(f"trainer.resume={cfg.resume!r}: must be true or false")
+    for key in ("resume", "labelled_logits"):
+        check_flag(cfg, key, "trainer")
 
 
 def validate(cfg: DictConfig) -> None:

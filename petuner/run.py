@@ -29,6 +29,7 @@ from petuner.run_folder import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, read_config
 from petuner.train.checkpoint import latest_checkpoint, load_checkpoint, save_tensors
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
 from petuner.train.guard import NonFiniteGuard
+from petuner.train.labelled_logits import keep_labelled_logits
 from petuner.train.logging import MetricsLog
 from petuner.train.loop import Loop, total_steps
 from petuner.train.memory import MemoryHook
@@ -106,6 +107,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model.to(device)
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
+    if cfg.trainer.labelled_logits and cfg.model.task == "causal_lm":
+        keep_labelled_logits(model)
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -10,6 +10,8 @@ from petuner.errors import PetunerError
 from petuner.io import atomic_dir
 from petuner.run import run
 from petuner.train.checkpoint import checkpoints
+from petuner.train.guard import NonFiniteGuard
+from petuner.train.hooks import TrainState
 from petuner.train.logging import read_metrics
 from petuner.train.loop import Loop
 
@@ -55,6 +57,24 @@ def test_nonfinite_step_can_be_skipped_and_counted(cfg_factory, tmp_path, monkey
     model, _ = petuner.load(tmp_path / "run")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert info["results"]["eval/loss_after"] == info["results"]["eval/loss_after"]  # not NaN
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_nonfinite_gradient_under_a_finite_loss_is_caught(bad: float) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e6  # large but finite: no false alarm
+    state = TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), max_steps=1, loss=1.0)
+    guard = NonFiniteGuard("skip")
+    guard.after_backward(state)
+    assert not state.skip_update
+    model[1].weight.grad[1, 2] = bad
+    guard.after_backward(state)
+    assert state.skip_update and guard.skipped == 1
+    assert all(p.grad is None for p in model.parameters())
+    model[0].bias.grad = torch.full((3,), bad)
+    with pytest.raises(PetunerError, match="non-finite gradient at step 1"):
+        NonFiniteGuard("stop").after_backward(state)
 
 
 def test_corrupt_adapter_file_is_one_line(trained_run, tmp_path) -> None:

@@ -260,18 +260,6 @@ def match_targets(model: nn.Module, spec: str | Sequence[str], exclude: Sequence
     return found
 
 
-def check_positive(cfg: Any, key: str, *, integer: bool = False, allow_zero: bool = False,
-                   below: float | None = None) -> None:
-    """One-line ConfigError unless ``adapter.<key>`` is a positive number (or int), optionally < ``below``."""
-    value = cfg[key]
-    kind = int if integer else (int, float)
-    ok = not isinstance(value, bool) and isinstance(value, kind) and (value > 0 or (allow_zero and value == 0))
-    if not ok or (below is not None and value >= below):
-        what = "an integer" if integer else "a number"
-        bound = f"in [0, {below})" if below is not None else (">= 0" if allow_zero else "> 0")
-        raise ConfigError(f"adapter.{key}={value!r}: must be {what} {bound}")
-
-
 def check_rank_fits(model: nn.Module, targets: Sequence[str], r: int) -> None:
     for name in targets:
         layer = model.get_submodule(name)

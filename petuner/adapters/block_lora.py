@@ -15,33 +15,26 @@ B at zero; s = alpha/r (or alpha/√r with rslora). n must divide every target's
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from petuner.adapters.base import AdapterLayer, LoRAFactors, check_positive
-from petuner.adapters.lora import LORA_OPTIONS, LoRA, lora_scaling
+from petuner.adapters.base import LoRAFactors
+from petuner.adapters.lora import LORA_OPTIONS, LoRA, LoRALinear
 from petuner.adapters.registry import register_adapter
+from petuner.checks import check_number
 from petuner.errors import ConfigError
 
 
-class BlockLoRALinear(AdapterLayer):
+class BlockLoRALinear(LoRALinear):
+    """A LoRA layer whose A (``lora_A``, r × in/n) is the shared block A_s."""
+
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, n_blocks: int, dropout: float = 0.0,
                  scaling: str = "standard") -> None:
-        super().__init__(base_layer)
-        weight = base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
-        self.r = r
+        super().__init__(base_layer, r, alpha, dropout, scaling, a_in_features=base_layer.in_features // n_blocks)
         self.n_blocks = n_blocks
-        self.scaling = lora_scaling(alpha, r, scaling)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base_layer.in_features // n_blocks, r, bias=False, **factory)  # A_s
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
@@ -55,7 +48,7 @@ class BlockLoRALinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.full_A()) * self.scaling
 
-    def as_lora(self) -> LoRAFactors:
+    def factors(self) -> LoRAFactors:
         return LoRAFactors(A=self.full_A(), B=self.lora_B.weight, scaling=self.scaling)
 
 
@@ -68,7 +61,7 @@ class BlockLoRA(LoRA):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        check_positive(self.cfg, "n_blocks", integer=True)
+        check_number(self.cfg, "n_blocks", "adapter", integer=True)
 
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         targets = super().select_targets(model, exclude)

@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from petuner.adapters.base import check_positive
 from petuner.adapters.frozen_factors import FrozenFactorsLinear, FrozenFactorsMethod
 from petuner.adapters.registry import register_adapter
+from petuner.checks import check_number
 
 
 def ldu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,8 +52,8 @@ class LoLDU(FrozenFactorsMethod):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        check_positive(self.cfg, "r", integer=True)
-        check_positive(self.cfg, "alpha")
+        check_number(self.cfg, "r", "adapter", integer=True)
+        check_number(self.cfg, "alpha", "adapter")
 
     def make_layer(self, base_layer: nn.Linear) -> LoLDULinear:
         return LoLDULinear(base_layer, r=self.cfg.r, alpha=self.cfg.alpha)

@@ -34,11 +34,11 @@ from petuner.adapters.base import (
     AdapterLayer,
     AdapterMethod,
     LoRAFactors,
-    check_positive,
     check_rank_fits,
     match_targets,
 )
 from petuner.adapters.registry import register_adapter
+from petuner.checks import check_number
 from petuner.errors import ConfigError
 
 SCALINGS = ("standard", "rslora")
@@ -55,7 +55,8 @@ def lora_scaling(alpha: float, r: int, scaling: str) -> float:
 
 class LoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 scaling: str = "standard", init: str = "kaiming") -> None:
+                 scaling: str = "standard", init: str = "kaiming", a_in_features: int | None = None) -> None:
+        """``a_in_features``: A's input width, the layer's unless a variant narrows it (Block-LoRA)."""
         super().__init__(base_layer)
         weight = base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
@@ -63,7 +64,7 @@ class LoRALinear(AdapterLayer):
         self.init = init
         self.scaling = lora_scaling(alpha, r, scaling)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, **factory)
+        self.lora_A = nn.Linear(a_in_features or base_layer.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **factory)
         self.reset_parameters()
 
@@ -201,9 +202,7 @@ class LoRAShaped(AdapterMethod):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        check_positive(self.cfg, "r", integer=True)
-        check_positive(self.cfg, "alpha")
-        check_positive(self.cfg, "dropout", allow_zero=True, below=1)
+        check_lora_cfg(self.cfg)
 
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         return lora_targets(model, self.cfg, exclude)
@@ -215,15 +214,13 @@ class LoRAShaped(AdapterMethod):
 
 
 def check_lora_cfg(cfg: Any) -> None:
-    """The checks every LoRA-shaped method shares (r, alpha, dropout, scaling, bias)."""
-    check_positive(cfg, "r", integer=True)
-    check_positive(cfg, "alpha")
-    check_positive(cfg, "dropout", allow_zero=True)
-    if cfg.dropout >= 1:
-        raise ConfigError(f"adapter.dropout={cfg.dropout!r}: must be in [0, 1)")
-    if cfg.scaling not in SCALINGS:
+    """The checks every LoRA-shaped method shares: r, alpha, dropout, and scaling and bias where offered."""
+    check_number(cfg, "r", "adapter", integer=True)
+    check_number(cfg, "alpha", "adapter")
+    check_number(cfg, "dropout", "adapter", strict=False, below=1)
+    if "scaling" in cfg and cfg.scaling not in SCALINGS:
         raise ConfigError(f"adapter.scaling={cfg.scaling!r}: allowed: {', '.join(SCALINGS)}")
-    if cfg.bias not in BIASES:
+    if "bias" in cfg and cfg.bias not in BIASES:
         raise ConfigError(f"adapter.bias={cfg.bias!r}: allowed: {', '.join(BIASES)}")
 
 

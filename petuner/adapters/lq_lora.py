@@ -34,11 +34,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from petuner.adapters.base import check_positive, match_targets
+from petuner.adapters.base import match_targets
 from petuner.adapters.lora import LORA_OPTIONS, LoRA
 from petuner.adapters.qlora import QuantizedBaseLoRA
 from petuner.adapters.registry import register_adapter
 from petuner.assets import cache_dir
+from petuner.checks import check_flag, check_number
 from petuner.errors import ConfigError, PetunerError
 from petuner.io import atomic_file
 from petuner.quant import (
@@ -130,10 +131,9 @@ class LQLoRA(LoRA):
             raise ConfigError(f"adapter.bits={c.bits!r}: allowed: {', '.join(map(str, BITS))}")
         if c.block_size not in BLOCK_SIZES:
             raise ConfigError(f"adapter.block_size={c.block_size!r}: allowed: {', '.join(map(str, BLOCK_SIZES))}")
-        check_positive(c, "iterations", integer=True)
-        check_positive(c, "calibration_batches", integer=True)
-        if not isinstance(c.fisher, bool):
-            raise ConfigError(f"adapter.fisher={c.fisher!r}: must be true or false")
+        check_number(c, "iterations", "adapter", integer=True)
+        check_number(c, "calibration_batches", "adapter", integer=True)
+        check_flag(c, "fisher", "adapter")
         lowest = bits_per_param(min(BITS), c.block_size)
         budget = c.budget_bits
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))

@@ -27,10 +27,10 @@ from torch import nn
 from petuner.adapters.base import (
     LoRAFactors,
     adapter_layers,
-    check_positive,
 )
 from petuner.adapters.lora import LoRALinear, LoRAShaped
 from petuner.adapters.registry import register_adapter
+from petuner.checks import check_number
 from petuner.errors import ConfigError
 from petuner.io import atomic_write_json, atomic_write_text
 from petuner.train.hooks import Hook, TrainState
@@ -144,16 +144,16 @@ class SoRA(LoRAShaped):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         c = self.cfg
-        check_positive(c, "gate_lr")
-        check_positive(c, "xi", allow_zero=True)
+        check_number(c, "gate_lr", "adapter")
+        check_number(c, "xi", "adapter", strict=False)
         for key, allowed in (("gate_init", GATE_INITS), ("gate_optimizer", GATE_OPTIMIZERS),
                              ("xi_schedule", XI_SCHEDULES)):
             if c[key] not in allowed:
                 raise ConfigError(f"adapter.{key}={c[key]!r}: allowed: {', '.join(allowed)}")
         if c.xi_schedule != "constant":
-            check_positive(c, "xi_final", allow_zero=True)
+            check_number(c, "xi_final", "adapter", strict=False)
         if c.xi_schedule == "step":
-            check_positive(c, "xi_steps", integer=True)
+            check_number(c, "xi_steps", "adapter", integer=True)
 
     def make_layer(self, base_layer: nn.Linear) -> SoRALinear:
         c = self.cfg

@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from petuner.adapters.base import check_positive
 from petuner.adapters.frozen_factors import FrozenFactorsLinear, FrozenFactorsMethod
 from petuner.adapters.registry import register_adapter
+from petuner.checks import check_number
 
 
 class SVFitLinear(FrozenFactorsLinear):
@@ -39,7 +39,7 @@ class SVFit(FrozenFactorsMethod):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        check_positive(self.cfg, "r", integer=True)
+        check_number(self.cfg, "r", "adapter", integer=True)
 
     def make_layer(self, base_layer: nn.Linear) -> SVFitLinear:
         return SVFitLinear(base_layer, r=self.cfg.r)

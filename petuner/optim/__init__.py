@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from petuner.checks import check_flag, check_number
 from petuner.errors import ConfigError
 from petuner.optim.groups import NamedParams, galore_groups, param_groups
 from petuner.optim.projectors import PROJECTORS
 
+GROUP = "optimizer"
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 COMMON = ("lr", "weight_decay", "schedule", "warmup_steps")
 ADAM = (*COMMON, "betas", "eps")
@@ -83,26 +85,6 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 
 # --- validation: one line naming the bad value and what is allowed ------------------------------
 
-def _number(cfg: Any, key: str, low: float, *, strict: bool, optional: bool = False) -> None:
-    value = cfg.get(key)
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= low if strict else value < low):
-        bound = f"{'>' if strict else '>='} {low:g}"
-        raise ConfigError(f"optimizer.{key}={value!r}: must be a number {bound}" + (" or null" if optional else ""))
-
-
-def _integer(cfg: Any, key: str, low: int) -> None:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"optimizer.{key}={value!r}: must be an integer >= {low}")
-
-
-def _flag(cfg: Any, key: str) -> None:
-    if not isinstance(cfg.get(key), bool):
-        raise ConfigError(f"optimizer.{key}={cfg.get(key)!r}: must be true or false")
-
-
 def check_optimizer_cfg(cfg: Any) -> None:
     """Check the ``optimizer`` group on its own (keys, types, ranges)."""
     if cfg.name not in OPTIMIZERS:
@@ -115,33 +97,33 @@ def check_optimizer_cfg(cfg: Any) -> None:
     missing = [k for k in options if k not in cfg]
     if missing:
         raise ConfigError(f"optimizer.{missing[0]} is missing for optimizer={cfg.name}")
-    _number(cfg, "lr", 0, strict=True)
-    _number(cfg, "weight_decay", 0, strict=False)
+    check_number(cfg, "lr", GROUP)
+    check_number(cfg, "weight_decay", GROUP, strict=False)
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"optimizer.schedule={cfg.schedule!r}: allowed: {', '.join(SCHEDULES)}")
-    _integer(cfg, "warmup_steps", 0)
+    check_number(cfg, "warmup_steps", GROUP, strict=False, integer=True)
     if "betas" in options:
         betas = cfg.betas
         if not (hasattr(betas, "__len__") and len(betas) == 2 and all(
                 not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
             raise ConfigError(f"optimizer.betas={betas!r}: must be two numbers in [0, 1)")
-        _number(cfg, "eps", 0, strict=False)
+        check_number(cfg, "eps", GROUP, strict=False)
     if "lora_plus_ratio" in options:
-        _number(cfg, "lora_plus_ratio", 0, strict=True, optional=True)
+        check_number(cfg, "lora_plus_ratio", GROUP, optional=True)
     if "min_8bit_size" in options:
-        _integer(cfg, "min_8bit_size", 0)
+        check_number(cfg, "min_8bit_size", GROUP, strict=False, integer=True)
     if "embeddings_32bit" in options:
-        _flag(cfg, "embeddings_32bit")
+        check_flag(cfg, "embeddings_32bit", GROUP)
     if "rank" in options:
-        _integer(cfg, "rank", 1)
-        _integer(cfg, "update_proj_gap", 1)
-        _number(cfg, "scale", 0, strict=True)
+        check_number(cfg, "rank", GROUP, low=1, strict=False, integer=True)
+        check_number(cfg, "update_proj_gap", GROUP, low=1, strict=False, integer=True)
+        check_number(cfg, "scale", GROUP)
         if cfg.projector not in PROJECTORS:
             raise ConfigError(f"optimizer.projector={cfg.projector!r}: allowed: {', '.join(PROJECTORS)}")
-        _flag(cfg, "per_layer")
+        check_flag(cfg, "per_layer", GROUP)
     if "momentum" in options:
-        _number(cfg, "momentum", 0, strict=False)
-        _flag(cfg, "nesterov")
+        check_number(cfg, "momentum", GROUP, strict=False)
+        check_flag(cfg, "nesterov", GROUP)
 
 
 def check_optimizer_for_trainer(cfg: Any, trainer: Any, compute_dtype: torch.dtype | None) -> None:

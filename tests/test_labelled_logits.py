@@ -1,0 +1,93 @@
+"""Logits at labelled positions only: transformers' loss and gradients, with a smaller output layer call."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from petuner.run import run
+from petuner.train.labelled_logits import keep_labelled_logits
+
+
+def llama(tied: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                         tie_word_embeddings=tied)
+    return LlamaForCausalLM(config)
+
+
+def sft_batch() -> dict[str, torch.Tensor]:
+    """Three rows: a prompt without loss, an answer with loss, then right padding (as petuner's SFT data)."""
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 128, (3, 12), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    for row, (prompt, length) in enumerate([(4, 12), (7, 10), (2, 6)]):
+        labels[row, :prompt] = -100
+        labels[row, length:] = -100
+        attention_mask[row, length:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_and_grads(model: torch.nn.Module, batch: dict, **kwargs) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    model.zero_grad()
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, out.logits
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_and_every_gradient_equal_transformers(tied: bool) -> None:
+    plain = llama(tied).train()
+    fast = copy.deepcopy(plain)
+    assert keep_labelled_logits(fast) is not None
+    batch = sft_batch()
+    loss, grads, logits = loss_and_grads(plain, batch)
+    fast_loss, fast_grads, fast_logits = loss_and_grads(fast, batch)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert logits.shape == (3, 12, 128)
+    assert fast_logits.shape == (labelled, 128)  # the output layer saw the labelled positions only
+    torch.testing.assert_close(fast_loss, loss, rtol=0, atol=1e-6)
+    assert grads.keys() == fast_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(fast_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_num_items_in_batch_sums_like_transformers() -> None:
+    plain = llama(tied=False)
+    fast = copy.deepcopy(plain)
+    keep_labelled_logits(fast)
+    batch, total = sft_batch(), torch.tensor(40)
+    loss, _, _ = loss_and_grads(plain, batch, num_items_in_batch=total)
+    fast_loss, _, _ = loss_and_grads(fast, batch, num_items_in_batch=total)
+    torch.testing.assert_close(fast_loss, loss, rtol=0, atol=1e-6)
+
+
+def test_without_labels_the_model_is_unchanged() -> None:
+    plain = llama(tied=False).eval()
+    fast = copy.deepcopy(plain)
+    keep_labelled_logits(fast)
+    batch = {k: v for k, v in sft_batch().items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(fast(**batch).logits, plain(**batch).logits)
+        # a labelled forward in between leaves nothing behind for the next one
+        fast(**sft_batch())
+        assert fast(**batch).logits.shape == (3, 12, 128)
+
+
+@pytest.mark.parametrize("adapter", ["adapter=lora", "adapter=adalora"])
+def test_a_run_trains_the_same_with_and_without(cfg_factory, tmp_path, adapter: str) -> None:
+    """Whole runs agree, including AdaLoRA, whose orthogonal regulariser is added to the model's loss."""
+    runs = {}
+    for flag in ("true", "false"):
+        run(cfg_factory(adapter, "trainer.max_steps=3", f"trainer.labelled_logits={flag}",
+                        run_dir=tmp_path / flag))
+        lines = (tmp_path / flag / "metrics.jsonl").read_text().splitlines()
+        runs[flag] = [m[key] for m in map(json.loads, lines) for key in ("train/loss", "eval/loss") if key in m]
+    assert len(runs["true"]) == 5  # two evaluations and three steps
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-5)
