@@ -4,15 +4,17 @@ Tasks: MiniLM-L6 (all-MiniLM-L6-v2) on BBC News topic accuracy (5 classes, held-
 SmolLM2-135M-Instruct on chatterbot held-out loss (answer tokens only). Each row is one
 ``python train.py`` run in its own process (peak RSS is a process-lifetime maximum), with the same
 data, seed, batch and steps; only the adapter, the optimizer and the learning rate differ.
-Learning rates are each method's usual order of magnitude (LoRA-type adapters one rate; methods
-with a few hundred parameters, VeRA and SGD higher; full fine-tuning lower), not tuned per row.
+Learning rates start at each method's usual order of magnitude (LoRA-type adapters one rate; methods
+with a few hundred parameters, VeRA and SGD higher; full fine-tuning lower); ``--lr-factors`` also
+tries multiples of a row's rate, and each cell reports the best rate tried for it (listed in the JSON).
 
 Columns: the task metric after training, trainable parameters, optimizer state (exact bytes),
-median step time as a ratio to LoRA + AdamW measured in the same invocation, and peak RSS.
+median step time as a ratio to LoRA + AdamW's on the same task and machine, and peak RSS.
 Finished rows are cached under ``benchmarks/results/tmp/methods/`` so an interrupted run continues
 (``--fresh`` recomputes); writes ``benchmarks/results/methods.{json,md,png}``.
 
     .venv/bin/python benchmarks/methods.py [--tasks minilm_bbc smollm2_chat] [--rows lora dora ...]
+        [--lr-factors 1 3 10]
 """
 
 from __future__ import annotations
@@ -95,27 +97,27 @@ ROWS = [
 BASELINE = "lora"  # step-time ratios are against this row of the same task
 
 
-def command(task: str, row: Row, run_dir: Path, steps: int) -> list[str]:
+def command(task: str, row: Row, run_dir: Path, steps: int, lr: float) -> list[str]:
     """The exact ``train.py`` command line of one cell."""
     return [sys.executable, str(ROOT / "train.py"), *TASKS[task].overrides, *row.overrides, *COMMON,
-            f"optimizer.lr={row.lr[task]:g}", f"trainer.max_steps={steps}", f"run_dir={run_dir}",
+            f"optimizer.lr={lr:g}", f"trainer.max_steps={steps}", f"run_dir={run_dir}",
             f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
 
 
-def measure(task: str, row: Row, steps: int) -> dict:
+def measure(task: str, row: Row, steps: int, lr: float) -> dict:
     """Train one cell in a fresh process and read back what its run folder recorded."""
     run_dir = SCRATCH / "runs" / f"{task}__{row.name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "WANDB_MODE": "disabled"}
-    cmd = command(task, row, run_dir, steps)
+    cmd = command(task, row, run_dir, steps, lr)
     load = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         shutil.rmtree(run_dir, ignore_errors=True)
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "seconds": seconds}
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "seconds": seconds, "lr": lr}
     info = json.loads((run_dir / "run.json").read_text())
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step_s = [m["train/step_s"] for m in lines if "train/step_s" in m]
@@ -126,7 +128,7 @@ def measure(task: str, row: Row, steps: int) -> dict:
             "grad_bytes": results["memory/grad_bytes"], "param_bytes": results["memory/param_bytes"],
             "peak_bytes": results.get("memory/peak_bytes", results.get("memory/peak_rss_bytes")),
             "median_step_s": statistics.median(step_s[1:] or step_s), "seconds": seconds, "load_avg_before": load,
-            "device": info["device"], "command": " ".join(["python train.py", *cmd[2:-3]])}
+            "lr": lr, "device": info["device"], "command": " ".join(["python train.py", *cmd[2:-3]])}
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of full fine-tuning are large
     return cell
 
@@ -136,6 +138,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS], default=[r.name for r in ROWS])
     parser.add_argument("--steps", type=int, help="override every task's step budget (a quick smoke run)")
+    parser.add_argument("--lr-factors", nargs="+", type=float, default=[1.0],
+                        help="train the selected rows at these multiples of their rate too; each cell shows "
+                             "the best of every rate tried for it (cached)")
     parser.add_argument("--fresh", action="store_true", help="recompute cached cells")
     args = parser.parse_args()
 
@@ -143,17 +148,19 @@ def main() -> None:
     for task in args.tasks:
         steps = args.steps or TASKS[task].steps
         for row in (r for r in ROWS if r.name in args.rows):
-            cache = SCRATCH / f"{task}__{row.name}__{steps}.json"
-            if cache.exists() and not args.fresh:
-                cells[task][row.name] = json.loads(cache.read_text())
-                continue
-            cell = measure(task, row, steps)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(cell, indent=2) + "\n")
-            cells[task][row.name] = cell
-            print(f"{task:13s} {row.name:22s} " + (f"error: {cell['error']}" if "error" in cell else
-                  f"{TASKS[task].metric}={cell['metric']:.4f} step={cell['median_step_s']:.2f}s "
-                  f"({cell['seconds']:.0f}s, load {cell['load_avg_before']:.1f})"), flush=True)
+            for factor in args.lr_factors:
+                lr = float(f"{row.lr[task] * factor:.3g}")
+                cache = SCRATCH / f"{task}__{row.name}__{steps}__lr{lr:g}.json"
+                if cache.exists() and not args.fresh:
+                    continue
+                cell = measure(task, row, steps, lr)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(cell, indent=2) + "\n")
+                print(f"{task:13s} {row.name:22s} lr={lr:<8g} " + (f"error: {cell['error']}" if "error" in cell else
+                      f"{TASKS[task].metric}={cell['metric']:.4f} step={cell['median_step_s']:.2f}s "
+                      f"({cell['seconds']:.0f}s, load {cell['load_avg_before']:.1f})"), flush=True)
+            tried = [json.loads(p.read_text()) for p in SCRATCH.glob(f"{task}__{row.name}__{steps}__lr*.json")]
+            cells[task][row.name] = best(tried, TASKS[task])
     for by_row in cells.values():
         base = by_row.get(BASELINE, {}).get("median_step_s")
         for cell in by_row.values():
@@ -171,6 +178,18 @@ def main() -> None:
     (RESULTS / "methods.md").write_text(table)
     plot(result)
     print(table)
+
+
+def best(tried: list[dict], task: Task) -> dict:
+    """The cell of the best rate among those tried (errors last), with every rate's metric attached."""
+    def score(cell: dict) -> float:
+        if "error" in cell or cell["metric"] != cell["metric"]:  # failed, or NaN
+            return float("-inf")
+        return cell["metric"] if task.higher_is_better else -cell["metric"]
+
+    chosen = dict(max(tried, key=score))
+    chosen["lr_tried"] = {f"{c['lr']:g}": c.get("metric") for c in sorted(tried, key=lambda c: c["lr"])}
+    return chosen
 
 
 def _fmt_bytes(n: float) -> str:
@@ -195,19 +214,22 @@ def markdown(result: dict) -> str:
                 cols += [f"error: {cell['error']}"] + ["—"] * 4
             else:
                 ratio = cell.get("step_time_vs_lora", float("nan"))
-                cols += [f"{cell['metric_before']:.3f} → **{cell['metric']:.3f}**", f"{cell['trainable_parameters']:,}",
-                         _fmt_bytes(cell["optimizer_state_bytes"]), f"{ratio:.2f}×",
-                         f"{cell['peak_bytes'] / 2 ** 30:.2f} GiB"]
+                tried = len(cell["lr_tried"])
+                at = f" @ {cell['lr']:g}" + (f" (best of {tried} rates)" if tried > 1 else "")
+                cols += [f"{cell['metric_before']:.3f} → **{cell['metric']:.3f}**{at}",
+                         f"{cell['trainable_parameters']:,}", _fmt_bytes(cell["optimizer_state_bytes"]),
+                         f"{ratio:.2f}×", f"{cell['peak_bytes'] / 2 ** 30:.2f} GiB"]
         lines.append("| " + " | ".join(cols) + " |")
     notes = []
     for t in tasks:
         info = result["tasks"][t]
         base = result["cells"][t].get(BASELINE, {})
         device = base.get("device", "?")
+        loads = [c["load_avg_before"] for c in result["cells"][t].values() if "load_avg_before" in c]
         notes.append(f"- {info['title']}: {info['steps']} steps, `{' '.join(info['overrides'])}` "
-                     f"(device {device}; LoRA's median step {base.get('median_step_s', float('nan')):.2f} s).")
-    lrs = "; ".join(f"`{r['name']}` {' / '.join(f'{v:g}' for v in r['lr'].values())}" for r in result["rows"])
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + f"\n- Learning rates ({' / '.join(TASKS)}): {lrs}.\n"
+                     f"(device {device}; LoRA's median step {base.get('median_step_s', float('nan')):.2f} s; "
+                     f"load average before each row {min(loads):.1f}–{max(loads):.1f}).")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def plot(result: dict) -> None:

@@ -45,6 +45,7 @@ def test_same_outputs_and_gradients_as_peft(peft_type: str, config: dict) -> Non
     theirs = peft.get_peft_model(copy.deepcopy(base), method.build_config(task_type="CAUSAL_LM"))
     for name, layer in adapter_layers(ours):
         theirs.base_model.model.get_submodule(name).load_state_dict(layer.tuner.state_dict())
+    ours.train(), theirs.train()  # no dropout in these configs; AdaLoRA's penalty is a training term
     out_ours, out_theirs = ours(input_ids=IDS, labels=IDS), theirs(input_ids=IDS, labels=IDS)
     torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-6, rtol=0)
     torch.testing.assert_close(out_ours.loss, out_theirs.loss, atol=1e-6, rtol=0)  # AdaLoRA: + orth. penalty
@@ -56,6 +57,20 @@ def test_same_outputs_and_gradients_as_peft(peft_type: str, config: dict) -> Non
     assert ours_grads.keys() == theirs_grads.keys()
     for name, grad in ours_grads.items():
         torch.testing.assert_close(grad, theirs_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_adalora_penalty_trains_but_stays_out_of_the_held_out_loss() -> None:
+    from petuner.adapters.peft_tuner import orthogonal_regularization
+
+    model = tiny_llama()
+    inject(model, build_adapter(peft_cfg("ADALORA", init_r=4, target_r=2, total_step=10, orth_reg_weight=0.5)))
+    logits = model(input_ids=IDS).logits
+    task_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), IDS[:, 1:].flatten())
+    penalty = 0.5 * orthogonal_regularization(model)
+    assert penalty > 1e-3
+    torch.testing.assert_close(model(input_ids=IDS, labels=IDS).loss, task_loss)  # eval mode
+    model.train()
+    torch.testing.assert_close(model(input_ids=IDS, labels=IDS).loss, task_loss + penalty)
 
 
 @pytest.mark.parametrize("peft_type, config", [
@@ -96,6 +111,7 @@ def test_adalora_hook_prunes_ranks_as_peft_does() -> None:
     theirs = peft.get_peft_model(copy.deepcopy(base), method.build_config(task_type="CAUSAL_LM"))
     for name, layer in adapter_layers(ours):
         theirs.base_model.model.get_submodule(name).load_state_dict(layer.tuner.state_dict())
+    ours.train(), theirs.train()  # as in training: the orthogonal penalty is on
     opt_ours = torch.optim.SGD(list(trainable_parameters(ours).values()), lr=0.5)
     opt_theirs = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.5)
     [hook] = method.hooks(ours)

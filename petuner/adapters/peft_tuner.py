@@ -259,7 +259,8 @@ class PeftTuner(AdapterMethod):
             weight = config.orth_reg_weight
 
             def add_regularizer(module: nn.Module, args: Any, output: Any) -> Any:
-                if isinstance(getattr(output, "loss", None), torch.Tensor):
+                # Training only (peft adds it in eval too): a held-out loss stays the task's loss.
+                if module.training and isinstance(getattr(output, "loss", None), torch.Tensor):
                     output.loss = output.loss + weight * orthogonal_regularization(module)
                 return output
 
