@@ -9,7 +9,8 @@ with a few hundred parameters, VeRA and SGD higher; full fine-tuning lower); ``-
 tries multiples of a row's rate, and each cell reports the best rate tried for it (listed in the JSON).
 
 Columns: the task metric after training, trainable parameters, optimizer state (exact bytes),
-median step time as a ratio to LoRA + AdamW's on the same task and machine, and peak RSS.
+median step time (over every rate tried) as a ratio to LoRA + AdamW's on the same task and
+machine, and peak RSS.
 Finished rows are cached under ``benchmarks/results/tmp/methods/`` so an interrupted run continues
 (``--fresh`` recomputes); writes ``benchmarks/results/methods.{json,md,png}``.
 
@@ -181,7 +182,8 @@ def main() -> None:
 
 
 def best(tried: list[dict], task: Task) -> dict:
-    """The cell of the best rate among those tried (errors last), with every rate's metric attached."""
+    """The cell of the best rate among those tried (errors last), with every rate's metric attached and
+    the step time of all of them (a median: one run's timing is at the mercy of the machine's load)."""
     def score(cell: dict) -> float:
         if "error" in cell or cell["metric"] != cell["metric"]:  # failed, or NaN
             return float("-inf")
@@ -189,6 +191,8 @@ def best(tried: list[dict], task: Task) -> dict:
 
     chosen = dict(max(tried, key=score))
     chosen["lr_tried"] = {f"{c['lr']:g}": c.get("metric") for c in sorted(tried, key=lambda c: c["lr"])}
+    if steps := [c["median_step_s"] for c in tried if "median_step_s" in c]:
+        chosen["median_step_s"] = statistics.median(steps)  # the rate does not change a step's work
     return chosen
 
 
@@ -233,31 +237,37 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict) -> None:
+    """One horizontal bar per row and task (same row order), coloured by group, with trainable parameters."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(result["cells"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.6), squeeze=False)
-    groups = {r["name"]: r["group"] for r in result["rows"]}
+    rows = [r for r in result["rows"] if any(r["name"] in result["cells"][t] for t in tasks)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 0.32 * len(rows) + 1.4), squeeze=False)
+    colours = {"adapter": "tab:blue", "optimizer": "tab:orange"}
     for ax, task in zip(axes[0], tasks, strict=True):
-        info = result["tasks"][task]
-        for name, cell in result["cells"][task].items():
-            if "error" in cell:
-                continue
-            marker, color = ("o", "tab:blue") if groups[name] == "adapter" else ("s", "tab:orange")
-            ax.scatter(cell["trainable_parameters"], cell["metric"], marker=marker, color=color)
-            ax.annotate(name, (cell["trainable_parameters"], cell["metric"]), fontsize=7,
-                        xytext=(3, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set(xlabel="trainable parameters (log)", ylabel=info["metric"],
-               title=f"{info['title']}, {info['steps']} steps ({'↑' if TASKS[task].higher_is_better else '↓'} better)")
-        ax.grid(alpha=0.3)
-    axes[0][0].scatter([], [], marker="o", color="tab:blue", label="adapter (AdamW)")
-    axes[0][0].scatter([], [], marker="s", color="tab:orange", label="optimizer variant")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+        info, cells = result["tasks"][task], result["cells"][task]
+        shown = [(i, r, cells[r["name"]]) for i, r in enumerate(rows)
+                 if r["name"] in cells and "error" not in cells[r["name"]]]
+        ax.barh([i for i, _, _ in shown], [c["metric"] for _, _, c in shown],
+                color=[colours[r["group"]] for _, r, _ in shown])
+        for i, _, c in shown:
+            ax.annotate(f" {c['metric']:.3f}  ({c['trainable_parameters']:,} trained)", (c["metric"], i),
+                        va="center", fontsize=7)
+        if (base := cells.get(BASELINE)) is not None:
+            ax.axvline(base["metric"], color="grey", linestyle=":", linewidth=1)
+        ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        best = "higher" if TASKS[task].higher_is_better else "lower"
+        ax.set(xlabel=f"held-out {info['metric'].split('/')[1]} ({best} is better)",
+               title=f"{info['title']}, {info['steps']} steps")
+        ax.set_xlim(0, max(c["metric"] for _, _, c in shown) * 1.45)
+        ax.grid(axis="x", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    fig.legend(handles, ["adapter (AdamW)", "optimizer variant"], fontsize=8, loc="lower center", ncol=2)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(RESULTS / "methods.png", dpi=120)
 
 
