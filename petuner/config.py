@@ -36,7 +36,7 @@ def check_trainer_cfg(cfg: Any) -> None:
         raise ConfigError(f"trainer.precision={cfg.precision!r}: allowed: auto, {', '.join(PRECISIONS)}")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"trainer.on_nonfinite={cfg.on_nonfinite!r}: allowed: stop, skip")
-    for key in ("resume", "labelled_logits"):
+    for key in ("resume", "labelled_logits", "gradient_checkpointing"):
         check_flag(cfg, key, "trainer")
 
 

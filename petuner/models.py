@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from petuner import assets
+from petuner.checks import check_flag
 from petuner.errors import ConfigError, PetunerError
 
 TASKS = ("causal_lm", "seq_cls")
@@ -82,6 +83,7 @@ def check_model_cfg(cfg: DictConfig) -> None:
         raise ConfigError(f"model.task={cfg.task!r}: allowed: {', '.join(TASKS)}")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.dtype!r}: allowed: {', '.join(DTYPES)}")
+    check_flag(cfg, "trust_remote_code", "model")  # a string such as "no" must not read as true
 
 
 def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = False) -> nn.Module:

@@ -37,6 +37,8 @@ CASES = [
     (("trainer.device=tpu",), r"trainer.device='tpu': allowed: auto, cpu, cuda"),
     (("trainer.max_grad_norm=0",), r"trainer.max_grad_norm=0: must be a number > 0 or null"),
     (("trainer.labelled_logits=maybe",), r"trainer.labelled_logits='maybe': must be true or false"),
+    (("trainer.gradient_checkpointing=1",), r"trainer.gradient_checkpointing=1: must be true or false"),
+    (("model.trust_remote_code=no",), r"model.trust_remote_code='no': must be true or false"),
     (("optimizer.lr=0",), r"optimizer.lr=0: must be a number > 0"),
     (("optimizer.schedule=step",), r"optimizer.schedule='step': allowed: cosine, linear, constant"),
     (("data.max_length=100000",), r"data.max_length=100000 exceeds the model's context of 512 tokens"),

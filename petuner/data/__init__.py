@@ -13,6 +13,7 @@ import datasets
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
+from petuner.checks import check_number
 from petuner.data import classification, sft, text
 from petuner.data.sources import read_rows
 from petuner.errors import ConfigError, PetunerError
@@ -48,8 +49,7 @@ def check_data_cfg(cfg: Any, task: str | None = None, context: int | None = None
     """Validate the data config before anything is read; task/context come from the model when known."""
     if cfg.kind not in (*KINDS, "auto"):
         raise ConfigError(f"data.kind={cfg.kind!r}: allowed: auto, {', '.join(KINDS)}")
-    if not isinstance(cfg.max_length, int) or cfg.max_length < 2:
-        raise ConfigError(f"data.max_length={cfg.max_length!r}: must be an integer >= 2")
+    check_number(cfg, "max_length", "data", low=2, strict=False, integer=True)
     if context is not None and cfg.max_length > context:
         raise ConfigError(f"data.max_length={cfg.max_length} exceeds the model's context of {context} tokens")
     size = cfg.eval_size
