@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from petuner.errors import PetunerError
+from petuner.sweep import DIRECTIONS
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     ranks.set_defaults(func=_eval_ranks)
     report = commands.add_parser("sweep-report", help="tabulate a -m sweep's jobs (markdown, CSV, PNG plots)")
     report.add_argument("sweep_dir", help="the sweep folder (adapters/sweeps/<time>)")
-    report.add_argument("--objective", choices=("eval/loss", "eval/perplexity", "eval/accuracy"),
+    report.add_argument("--objective", choices=tuple(DIRECTIONS),
                         help="the metric that picks the best job (default: accuracy if present, else loss)")
     report.add_argument("--out", help="folder for sweep_report.{md,csv} and plots (default: SWEEP_DIR)")
     report.set_defaults(func=_sweep_report)

@@ -50,7 +50,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._dct: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self._index = {p: i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
         self._group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        self.per_layer = per_layer
         if per_layer:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -90,7 +89,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if rank is not None:
             if state["step"] % group["update_proj_gap"] == 0:
                 self._refresh_projector(p, group, state)
-            grad = proj.project(grad, self._projector(p, group, state))
+            projector = self._projector(p, group, state)
+            grad = proj.project(grad, projector)
         if "exp_avg" not in state:
             init_moments(state, grad, self.quantize and grad.numel() >= self.min_8bit_size)
         exp_avg, exp_avg_sq = load_moments(state, self.maps)
@@ -102,7 +102,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
         store_moments(state, (exp_avg, exp_avg_sq), self.maps)
         if rank is not None:
-            update = proj.project_back(update, self._projector(p, group, state), p.shape) * group["scale"]
+            update = proj.project_back(update, projector, p.shape) * group["scale"]
         step_size = group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
         if group["weight_decay"]:
             p.mul_(1.0 - group["lr"] * group["weight_decay"])

@@ -49,9 +49,15 @@ def _codebook_cpu(bits: int) -> torch.Tensor:
     return values / values.max()
 
 
+@functools.cache  # per device too: dequantize() runs in every forward and should not copy it each time
 def nf_codebook(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 2^k NormalFloat levels in [-1, 1], ascending."""
     return _codebook_cpu(bits).to(device)
+
+
+def block_scales(absmax_codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Each block's dequantized absmax: its 8-bit code times the fp32 scale of its group of ABSMAX_GROUP."""
+    return absmax_codes.float() / _ABSMAX_LEVELS * scales.repeat_interleave(ABSMAX_GROUP)[: absmax_codes.numel()]
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -91,8 +97,7 @@ class NFQuantized:
 
     def absmax(self) -> torch.Tensor:
         """The dequantized per-block scales."""
-        groups = self.absmax_codes.float().split(ABSMAX_GROUP)
-        return torch.cat([g / _ABSMAX_LEVELS * s for g, s in zip(groups, self.scales, strict=True)])
+        return block_scales(self.absmax_codes, self.scales)
 
     def dequantize(self) -> torch.Tensor:
         codebook = nf_codebook(self.bits, self.codes.device)
@@ -133,7 +138,7 @@ def round_nf(weight: torch.Tensor, bits: int, block_size: int) -> Rounded:
     group_scale = scales.repeat_interleave(ABSMAX_GROUP)[:n_blocks]
     ratio = torch.where(group_scale > 0, absmax / group_scale, torch.zeros_like(absmax))
     absmax_codes = torch.ceil(ratio * _ABSMAX_LEVELS).clamp(0, _ABSMAX_LEVELS).to(torch.uint8)
-    scale = (absmax_codes.float() / _ABSMAX_LEVELS * group_scale).unsqueeze(1)  # as NFQuantized.absmax()
+    scale = block_scales(absmax_codes, scales).unsqueeze(1)
     normalized = torch.where(scale > 0, blocks / scale, torch.zeros_like(blocks)).clamp(-1, 1)
     codebook = nf_codebook(bits, flat.device)
     codes = torch.bucketize(normalized, (codebook[1:] + codebook[:-1]) / 2)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100  # transformers' label of a position without loss
+from petuner.data.sft import IGNORE
 
 
 class LabelledLogits:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from petuner.data import DataBundle
+from petuner.data.sft import IGNORE
 from petuner.train.checkpoint import save_checkpoint
 from petuner.train.device import autocast, peak_memory
 from petuner.train.hooks import Hook, TrainState
@@ -65,7 +66,7 @@ def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.
             n = labels.numel()
             correct += (out.logits.argmax(-1) == labels).sum().item()
         else:
-            n = (labels[:, 1:] != -100).sum().item()
+            n = (labels[:, 1:] != IGNORE).sum().item()
         loss_sum += out.loss.float().item() * n
         weight += n
     model.train(was_training)
