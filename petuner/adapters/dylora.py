@@ -50,7 +50,7 @@ class DyLoRALinear(LoRALinear):
     def scaling(self, value: float) -> None:
         pass
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A[:b] and B[:, :b] at the active rank b; in frozen training mode only row/column b-1 is live."""
         b = self.active_rank
         a, bm = self.lora_A.weight[:b], self.lora_B.weight[:, :b]
@@ -60,12 +60,12 @@ class DyLoRALinear(LoRALinear):
         return a, bm
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
+        a, b = self.active_factors()
         x = self.lora_dropout(x.to(a.dtype))
         return (x @ a.T) @ b.T * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        a, b = self.factors()
+        a, b = self.active_factors()
         return (b @ a) * self.scaling
 
     def as_lora(self) -> LoRAFactors:

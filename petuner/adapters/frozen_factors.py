@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from petuner.adapters.base import AdapterLayer, AdapterMethod, LoRAFactors, check_rank_fits, match_targets
+from petuner.adapters.base import AdapterLayer, AdapterMethod, LoRAFactors
+from petuner.adapters.lora import lora_targets
 
 
 class FrozenFactorsLinear(AdapterLayer):
@@ -55,9 +56,7 @@ class FrozenFactorsMethod(AdapterMethod):
     """What SVFit and LoLDU share as methods: rank-r targets, and a peft export as a scaling-1 LoRA."""
 
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
-        targets = match_targets(model, self.cfg.target_modules, exclude)
-        check_rank_fits(model, targets, self.cfg.r)
-        return targets
+        return lora_targets(model, self.cfg, exclude)
 
     def peft_config(self, targets: Sequence[str], task: str, head_modules: Sequence[str],
                     base_model_name_or_path: str | None) -> Any:

@@ -197,8 +197,8 @@ def lora_peft_config(cfg: Any, targets: Sequence[str], task_type: str, head_modu
 
 
 class LoRAShaped(AdapterMethod):
-    """A base for methods whose layers are LoRA-shaped (DyLoRA, SoRA): the shared options r, alpha, dropout
-    and target_modules are checked, targets resolved, and the peft form is a plain LoRA."""
+    """A base for methods whose layers are LoRA-shaped (LoRA itself, DyLoRA, SoRA): the shared options r, alpha,
+    dropout and target_modules are checked, targets resolved, and the peft form is a plain LoRA."""
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -225,13 +225,12 @@ def check_lora_cfg(cfg: Any) -> None:
 
 
 @register_adapter
-class LoRA(AdapterMethod):
+class LoRA(LoRAShaped):
     name = "lora"
     options: ClassVar[tuple[str, ...]] = (*LORA_OPTIONS, "init", "variant")
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        check_lora_cfg(self.cfg)
         if self.init not in INITS:
             raise ConfigError(f"adapter.init={self.init!r}: allowed: {', '.join(INITS)}")
         if self.variant not in VARIANTS:
@@ -245,9 +244,6 @@ class LoRA(AdapterMethod):
     @property
     def variant(self) -> str:
         return self.cfg.get("variant", "standard")
-
-    def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
-        return lora_targets(model, self.cfg, exclude)
 
     def make_layer(self, base_layer: nn.Linear) -> LoRALinear:
         c = self.cfg

@@ -51,6 +51,7 @@ from petuner.quant import (
     allocate,
     bits_per_param,
     lq_decompose,
+    weighted_error,
 )
 from petuner.quant import fisher_weights as fisher_row_col
 from petuner.quant.lq import SVD_OVERSAMPLE, SVD_POWER_ITERATIONS
@@ -221,7 +222,7 @@ class LQLoRA(LoRA):
     def _summary(self, sizes: list[int]) -> dict[str, Any]:
         total = sum(sizes)
         per_matrix = {n: {"bits": b, "block_size": self.cfg.block_size, "error": d.error,
-                          "relative_error": math.sqrt(d.error / float(m.weight.detach().double().pow(2).sum()))
+                          "relative_error": math.sqrt(d.error / weighted_error(m.weight.detach(), None, None))
                           if not self.cfg.fisher else None, "iterations_run": len(d.errors), "best_iterate": d.best}
                       for n, (m, d, b) in self._plan.items()}
         quantized = sum(n * bits_per_param(b, self.cfg.block_size)

@@ -41,6 +41,12 @@ from petuner.train.hooks import Hook, TrainState
 ADAPTER = "default"  # peft's adapter name
 
 
+def first_line(err: Exception) -> str:
+    """peft's own message, one line of it (or the exception's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def peft_types() -> list[str]:
     """peft types whose tuner injects layers (prompt learning and adaption prompt are out of scope)."""
     from peft import PromptLearningConfig
@@ -227,8 +233,7 @@ class PeftTuner(AdapterMethod):
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"adapter.config is rejected by peft's {cls.__name__}: {message}") from None
+            raise ConfigError(f"adapter.config is rejected by peft's {cls.__name__}: {first_line(err)}") from None
 
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         spec = self.cfg.config.target_modules
@@ -245,9 +250,8 @@ class PeftTuner(AdapterMethod):
         try:
             self.tuner_model = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type](model, config, adapter_name=ADAPTER)
         except (TypeError, ValueError) as err:  # peft's word on a config that does not fit this model
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"adapter.peft_type={self.cfg.peft_type}: peft cannot apply adapter.config to "
-                              f"{type(model).__name__}: {message}") from None
+                              f"{type(model).__name__}: {first_line(err)}") from None
         targets: list[str] = []
         for name, module in list(model.named_modules()):
             if isinstance(module, BaseTunerLayer):

@@ -19,8 +19,9 @@ from torch.nn import functional as F
 
 from petuner.adapters.lora import LORA_OPTIONS, LoRA, LoRALinear
 from petuner.adapters.registry import register_adapter
+from petuner.quant import bits_per_param
 
-NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
+NF4_BITS_PER_PARAM = bits_per_param(4, 64)  # bitsandbytes' NF4 at blocksize 64 with double quantization
 
 
 class QuantizedBaseLoRA(LoRALinear):
