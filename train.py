@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from petuner.config import check_command_line
+from petuner.config import check_command_line, command_line_overrides, register_schemas
 from petuner.errors import PetunerError
 
 
@@ -26,8 +26,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    register_schemas()
     try:
-        check_command_line([a for a in sys.argv[1:] if not a.startswith("-")])
+        # Hydra's own flags (--cfg job, --resolve, --info, --help, -m, ...) pass through to Hydra.
+        check_command_line(command_line_overrides(sys.argv[1:]))
     except PetunerError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

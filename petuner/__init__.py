@@ -11,6 +11,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 
+def _quiet() -> None:
+    from petuner.quiet import hold_4bit_kernel_warning
+
+    hold_4bit_kernel_warning()  # before anything imports bitsandbytes
+
+
+_quiet()
+
+
 def load(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
     """A trained model (eval mode, CPU) and its tokenizer, from a run folder or a petuner export.
 

@@ -1,64 +1,103 @@
-"""Validate a composed config before anything heavy is loaded: one clear line per problem.
+"""The run config: every group's schema registered in Hydra's ConfigStore, composition, and validation.
 
-Each config group is checked by the module that owns it (model → models, data → data, adapter →
-its registry entry, optimizer → optim, trainer → here). ``check_group_choices`` runs on the command
-line before Hydra composes, so an unknown ``adapter=lorra`` is one line naming what is allowed.
+Each config group has one schema per choice, a dataclass next to the code that reads it (see
+``petuner.schema`` for the mechanism and how to add a key):
+
+    model      petuner.models.ModelSchema                  model_schema
+    data       petuner.data.schema.DataSchema              data_schema
+    adapter    <method module>.<Method>Schema              <method name>_schema (adapter=lora: lora_schema)
+    optimizer  petuner.optim.schema.<Optimizer>Schema      <optimizer name>_schema
+    trainer    petuner.train.schema.TrainerSchema          trainer_schema
+    logger     petuner.train.logging.<Logger>Schema        <logger name>_schema
+
+``register_schemas`` stores them (``train.py`` and ``compose_config`` call it before Hydra composes).
+Composing then refuses a key a schema lacks and a value of the wrong type; both become one
+``ConfigError`` line here. ``validate`` checks a composed config group by group (ranges, choices,
+keys that contradict each other) before anything heavy is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from petuner.checks import check_flag, check_number
-from petuner.errors import ConfigError
+from petuner.errors import ConfigError, first_line
+from petuner.schema import conform, field_check, keys, one_line
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXPORTS = (None, "merged", "peft")
+GROUPS = ("model", "data", "adapter", "optimizer", "trainer", "logger")
 
 
-def check_trainer_cfg(cfg: Any) -> None:
-    from petuner.train.device import PRECISIONS
-    from petuner.train.guard import ACTIONS
+def schemas() -> dict[str, dict[str, type]]:
+    """group → ConfigStore name → schema dataclass."""
+    from petuner.adapters.registry import adapter_names, get_adapter_class
+    from petuner.data.schema import DataSchema
+    from petuner.models import ModelSchema
+    from petuner.optim import OPTIMIZERS
+    from petuner.train.logging import LOGGERS
+    from petuner.train.schema import TrainerSchema
 
-    if cfg.get("max_steps") is None and cfg.get("epochs") is None:
-        raise ConfigError("trainer.max_steps and trainer.epochs are both null: set one of them")
-    for key in ("max_steps", "epochs", "eval_every", "save_every"):
-        check_number(cfg, key, "trainer", low=1, strict=False, integer=True, optional=True)
-    for key in ("batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every"):
-        check_number(cfg, key, "trainer", low=1, strict=False, integer=True)
-    for key in ("seed", "num_workers"):
-        check_number(cfg, key, "trainer", strict=False, integer=True)
-    check_number(cfg, "max_grad_norm", "trainer", optional=True)
-    if cfg.precision not in ("auto", *PRECISIONS):
-        raise ConfigError(f"trainer.precision={cfg.precision!r}: allowed: auto, {', '.join(PRECISIONS)}")
-    if cfg.on_nonfinite not in ACTIONS:
-        raise ConfigError(f"trainer.on_nonfinite={cfg.on_nonfinite!r}: allowed: {', '.join(ACTIONS)}")
-    for key in ("resume", "labelled_logits", "gradient_checkpointing"):
-        check_flag(cfg, key, "trainer")
+    return {
+        "model": {"model_schema": ModelSchema},
+        "data": {"data_schema": DataSchema},
+        "adapter": {f"{n}_schema": get_adapter_class(n).schema for n in adapter_names()},
+        "optimizer": {f"{n}_schema": spec.schema for n, spec in OPTIMIZERS.items()},
+        "trainer": {"trainer_schema": TrainerSchema},
+        "logger": {f"{n}_schema": schema for n, schema in LOGGERS.items()},
+    }
+
+
+def register_schemas() -> None:
+    """Store every group's schemas in Hydra's ConfigStore, where the YAMLs' defaults lists find them."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, named in schemas().items():
+        for name, schema in named.items():
+            store.store(group=group, name=name, node=schema)
+
+
+def group_schema(cfg: DictConfig, group: str) -> type:
+    """The schema a composed group must follow: the one its ``name`` picks where the group has several."""
+    from petuner.adapters.registry import get_adapter_class
+    from petuner.optim import optimizer_schema
+    from petuner.train.logging import LOGGERS
+
+    node = cfg[group]
+    if group == "adapter":
+        return get_adapter_class(str(node.name)).schema
+    if group == "optimizer":
+        return optimizer_schema(str(node.name))
+    if group == "logger":
+        if node.name not in LOGGERS:
+            raise ConfigError(f"logger={node.name!r}: allowed: {', '.join(LOGGERS)}")
+        return LOGGERS[node.name]
+    return next(iter(schemas()[group].values()))
 
 
 def validate(cfg: DictConfig) -> None:
     """Check every group of a composed run config; raises ConfigError naming the first bad value."""
     from petuner.adapters import build_adapter
-    from petuner.data import check_data_cfg
-    from petuner.models import check_model_cfg
-    from petuner.optim import check_optimizer_cfg
-    from petuner.train.logging import LOGGERS
+    from petuner.data.schema import check_data_combination
+    from petuner.models import check_model_combination
+    from petuner.train.schema import check_trainer_combination
 
-    for group in ("model", "data", "adapter", "optimizer", "trainer", "logger"):
+    for group in GROUPS:
         if group not in cfg or not isinstance(cfg[group], DictConfig):
             raise ConfigError(f"config group {group!r} is missing from the run config")
-    check_model_cfg(cfg.model)
-    check_data_cfg(cfg.data, cfg.model.task)
+    checked = {group: conform(group_schema(cfg, group), cfg[group], group, f"{group}={cfg[group].get('name')}")
+               for group in GROUPS if group != "adapter"}
+    check_model_combination(checked["model"])
+    check_data_combination(checked["data"], checked["model"].task)
     build_adapter(cfg.adapter)
-    check_optimizer_cfg(cfg.optimizer)
-    check_trainer_cfg(cfg.trainer)
-    if cfg.logger.name not in LOGGERS:
-        raise ConfigError(f"logger={cfg.logger.name!r}: allowed: {', '.join(LOGGERS)}")
+    check_trainer_combination(checked["trainer"])
     if cfg.get("export") not in EXPORTS:
         raise ConfigError(f"export={cfg.export!r}: allowed: null, merged, peft")
 
@@ -66,26 +105,62 @@ def validate(cfg: DictConfig) -> None:
 def compose_config(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
     """The run config ``python train.py <overrides>`` would get, for code (tests, benchmarks, notebooks).
 
-    Without Hydra's runtime, ``run_dir`` must be among the overrides.
+    Without Hydra's runtime, ``run_dir`` must be among the overrides. A key no schema has, or a value of
+    the wrong type, is one ConfigError line.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides))
+    except HydraException as err:
+        cause = err.__cause__
+        if isinstance(cause, OmegaConfBaseException) and not re.search(r"Could not override '", str(err)):
+            raise one_line(cause) from None
+        raise
+    check_override_values(cfg, overrides)
+    return cfg
+
+
+def check_override_values(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Run each overridden field's own check on the value as written: OmegaConf would read ``no`` or ``1``
+    as a boolean, and a command line must say true or false."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        parent, _, key = override.key_or_group.rpartition(".")
+        if not parent or override.is_sweep_override() or override.is_delete() or override.package:
+            continue
+        node = OmegaConf.select(cfg, parent)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        check = field_check(schema, key) if schema is not None and dataclasses.is_dataclass(schema) else None
+        if check is not None:
+            check({key: override.value()}, key, parent)
 
 
 def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
 
 
+def command_line_overrides(argv: Sequence[str]) -> list[str]:
+    """The overrides on a ``train.py`` command line, read with Hydra's own argument parser, so that its flags
+    (``--cfg job``, ``--resolve``, ``--info``, ``--help``, ``-m``, ...) and their values are never taken for
+    overrides. A command line Hydra cannot read gives no overrides: Hydra then says what is wrong."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args, _ = get_args_parser().parse_known_args(list(argv))
+    except SystemExit:
+        return []
+    return list(args.overrides)
+
+
 def check_command_line(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
     """Everything Hydra would reject on this command line, as one line (sweeps checked at their first value)."""
-    import difflib
-    import re
-
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
 
     check_group_choices(overrides, conf_dir)
     plain = []
@@ -105,15 +180,22 @@ def check_command_line(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> N
     except HydraException as err:
         bad = re.search(r"Could not override '([^']+)'", str(err))
         if not bad:
-            raise ConfigError(str(err).strip().splitlines()[0]) from None
-        key = bad.group(1)
-        parent, _, leaf = key.rpartition(".")
-        rest = [o for o in plain if not o.lstrip("+~").startswith(key + "=")]
-        node = OmegaConf.select(compose_config([*rest, "run_dir=."], conf_dir), parent) if parent else None
-        siblings = [str(k) for k in node] if isinstance(node, DictConfig) else []
-        close = difflib.get_close_matches(leaf, siblings, n=1)
-        hint = f"did you mean {parent}.{close[0]}? " if close else ""
-        raise ConfigError(f"{key} is not a config key; {hint}(a new key needs a leading +: +{key}=...)") from None
+            raise ConfigError(first_line(err)) from None
+        raise not_a_key(bad.group(1), [o for o in plain if not o.lstrip("+~").startswith(bad.group(1) + "=")],
+                        conf_dir) from None
+
+
+def not_a_key(key: str, rest: Sequence[str], conf_dir: Path) -> ConfigError:
+    """``key`` is in no schema: one line with the closest key of its group and, for open dicts, the + hint."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(compose_config([*rest, "run_dir=."], conf_dir), parent) if parent else None
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    siblings = [str(k) for k in node] if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(leaf, siblings, n=1)
+    hint = f"did you mean {parent}.{close[0]}? " if close else ""
+    if schema is not None and dataclasses.is_dataclass(schema):
+        return ConfigError(f"{key} is not a config key; {hint}allowed: {', '.join(keys(schema))}")
+    return ConfigError(f"{key} is not a config key; {hint}(a new key needs a leading +: +{key}=...)")
 
 
 def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
@@ -124,7 +206,7 @@ def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> 
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as err:  # Hydra's grammar errors span lines; keep the first
-        raise ConfigError(f"cannot parse the command line: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"cannot parse the command line: {first_line(err)}") from None
     for override in parsed:
         key = override.key_or_group
         if key not in groups or override.is_delete():

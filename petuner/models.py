@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,13 +17,27 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from petuner import assets
-from petuner.checks import check_flag
 from petuner.errors import ConfigError, PetunerError
+from petuner.schema import choice, flag, number
 
 TASKS = ("causal_lm", "seq_cls")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Heads that a sequence-classification model creates fresh: they always train (peft: modules_to_save).
 SEQ_CLS_HEADS = ("classifier", "score")
+
+
+@dataclass
+class ModelSchema:
+    """The ``model`` group's schema (``conf/model/*.yaml`` name it: ``- model_schema``)."""
+
+    name_or_path: str | None = None  # asset:<name>, a local folder or a hub id
+    tokenizer: str | None = None  # null: the model's own
+    task: str = choice("causal_lm", TASKS)
+    random_init: dict[str, Any] | None = None  # HF config fields of a seeded random model (instead of weights)
+    init_seed: int = number(0, strict=False, integer=True)
+    dtype: str = choice("float32", tuple(DTYPES))  # the weights' storage dtype
+    trust_remote_code: bool = flag(False)
+    lora_targets: Any = None  # the model's usual LoRA targets (the adapters' target_modules default to them)
 
 
 def auto_model_class(task: str) -> Any:
@@ -78,17 +93,20 @@ def model_config(cfg: DictConfig, num_labels: int | None = None) -> Any:
                                       **extra)
 
 
-def check_model_cfg(cfg: DictConfig) -> None:
-    if cfg.task not in TASKS:
-        raise ConfigError(f"model.task={cfg.task!r}: allowed: {', '.join(TASKS)}")
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={cfg.dtype!r}: allowed: {', '.join(DTYPES)}")
-    check_flag(cfg, "trust_remote_code", "model")  # a string such as "no" must not read as true
+def check_model_combination(cfg: DictConfig) -> None:
+    """Keys that contradict each other: a random init has no weights to load from a path."""
+    if cfg.random_init and cfg.name_or_path:
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r} and model.random_init are both set: a random "
+                          "init loads no weights; set model.random_init=null to load name_or_path "
+                          "(or model.name_or_path=null)")
+    if not cfg.random_init and not cfg.name_or_path:
+        raise ConfigError("model.name_or_path is empty: give a local folder, a hub id or asset:<name>")
+    if cfg.random_init and not cfg.tokenizer:
+        raise ConfigError("model.tokenizer is required when model.random_init is set")
 
 
 def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = False) -> nn.Module:
     """Build the base model on CPU (or on the meta device: structure only, for validation)."""
-    check_model_cfg(cfg)
     auto = auto_model_class(cfg.task)
     config = model_config(cfg, num_labels)
     dtype = DTYPES[cfg.dtype]

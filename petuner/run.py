@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from petuner import __version__
 from petuner.adapters import adapter_state_dict, build_adapter, inject
 from petuner.config import validate
-from petuner.data import build_data, check_data_cfg
+from petuner.data import build_data
+from petuner.data.schema import check_data_combination
 from petuner.errors import PetunerError
 from petuner.io import atomic_file, atomic_write_json, atomic_write_text
 from petuner.manifest import write_manifest
@@ -88,7 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     compute_dtype = resolve_precision(cfg.trainer.precision, device)
     check_optimizer_for_trainer(cfg.optimizer, cfg.trainer, compute_dtype)
     method = build_adapter(cfg.adapter)
-    check_data_cfg(cfg.data, cfg.model.task, context_length(model_config(cfg.model)))
+    check_data_combination(cfg.data, cfg.model.task, context_length(model_config(cfg.model)))
 
     skeleton = load_model(cfg.model, meta=True)  # structure only: checks targets in milliseconds
     heads = head_modules(skeleton, cfg.model.task)
@@ -112,7 +113,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    optimizer = build_optimizer(model, cfg.optimizer, device, exclude=method.own_optimizer_parameters(model))
+    optimizer = build_optimizer(model, cfg.optimizer, device, exclude=method.own_optimizer_parameters(model),
+                                heads=injection.head_modules)
     info: dict[str, Any] = {
         "petuner_version": __version__, "run_dir": str(run_dir.resolve()), "base_model": model_source(cfg.model),
         "task": cfg.model.task, "data_kind": data.kind, "label_names": data.label_names,

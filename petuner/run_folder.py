@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from petuner.errors import PetunerError
+from petuner.errors import PetunerError, first_line
 from petuner.manifest import verify_manifest
 
 CONFIG_FILE = "config.yaml"
@@ -37,8 +37,12 @@ def read_config(run_dir: Path | str) -> DictConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise PetunerError(f"{run_dir} is not a petuner run folder (no {CONFIG_FILE})")
-    cfg = OmegaConf.load(path)
-    assert isinstance(cfg, DictConfig)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # a YAML syntax error spans lines: its first is enough
+        raise PetunerError(f"{path}: not a readable config ({first_line(err)})") from None
+    if not isinstance(cfg, DictConfig) or not all(g in cfg for g in ("model", "adapter")):
+        raise PetunerError(f"{path}: not a petuner run config (a mapping with model and adapter sections)")
     return cfg
 
 
@@ -48,7 +52,13 @@ def read_info(run_dir: Path | str) -> dict[str, Any]:
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         raise PetunerError(f"{run_dir} has no {RUN_FILE}: the run never got past set-up")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as err:
+        raise PetunerError(f"{path}: not valid JSON ({first_line(err)})") from None
+    if not isinstance(info, dict):
+        raise PetunerError(f"{path}: must hold a JSON object, got {type(info).__name__}")
+    return info
 
 
 def build_base_with_adapter(cfg: DictConfig, info: dict[str, Any]) -> tuple[nn.Module, Any]:

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from petuner.adapters import (
@@ -22,54 +21,53 @@ from petuner.adapters import (
     unload,
     unmerge_adapters,
 )
-from tests.test_lora import tiny_llama
+from petuner.config import group_choices
+from tests.helpers import shipped, tiny_llama
 
-# name → (adapter config, modules it must wrap in the tiny Llama)
+# row → (YAML in conf/adapter/, overrides of its shipped values, modules it must wrap in the tiny Llama).
+# The YAMLs are composed as shipped (target_modules: the tiny Llama's lora_targets, q_proj and v_proj);
+# only sizes shrink, and dropout goes to zero where the row compares outputs exactly.
 QV = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+SMALL = ("r=4", "alpha=8", "dropout=0.0")
 ADAPTERS = {
-    "lora": ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-              "scaling": "standard", "bias": "none"}, QV),
-    "none": ({"name": "none"}, []),
-    "dylora": ({"name": "dylora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-                "mode": "frozen", "rank_weights": None, "eval_all_ranks": False}, QV),
-    "sora": ({"name": "sora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-              "gate_init": "ones", "gate_optimizer": "sgd", "gate_lr": 0.01, "xi": 0.5, "xi_schedule": "constant",
-              "xi_final": 1.0, "xi_steps": 4}, QV),
-    "qlora": ({"name": "qlora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-               "scaling": "standard", "bias": "none"}, QV),
-    "lq_lora": ({"name": "lq_lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-                 "scaling": "standard", "bias": "none", "bits": 3, "block_size": 64, "iterations": 3, "fisher": False,
-                 "calibration_batches": 1, "budget_bits": None}, QV),
-    "lora_dora": ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-                   "scaling": "standard", "bias": "none", "init": "kaiming", "variant": "dora"}, QV),
-    "lora_pissa": ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-                    "scaling": "rslora", "bias": "none", "init": "pissa", "variant": "standard"}, QV),
-    "block_lora": ({"name": "block_lora", "r": 4, "alpha": 8, "dropout": 0.0, "n_blocks": 4,
-                    "target_modules": ["q_proj", "v_proj"], "scaling": "standard", "bias": "none"}, QV),
-    "loldu": ({"name": "loldu", "r": 4, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}, QV),
-    "svfit": ({"name": "svfit", "r": 4, "target_modules": ["q_proj", "v_proj"]}, QV),
+    "lora": ("lora", SMALL, QV),
+    "none": ("none", (), []),
+    "dylora": ("dylora", SMALL, QV),
+    "sora": ("sora", SMALL, QV),
+    "qlora": ("qlora", SMALL, QV),
+    "lq_lora": ("lq_lora", (*SMALL, "bits=3", "iterations=3", "calibration_batches=1"), QV),
+    "lora_dora": ("lora", (*SMALL, "variant=dora"), QV),
+    "lora_pissa": ("lora", (*SMALL, "scaling=rslora", "init=pissa"), QV),
+    "block_lora": ("block_lora", (*SMALL, "n_blocks=4"), QV),
+    "loldu": ("loldu", ("r=4", "alpha=4"), QV),
+    "svfit": ("svfit", ("r=4",), QV),
     # peft's own tuners through adapter=peft (the ready configs adapter=loha / adalora / vera)
-    "peft": ({"name": "peft", "peft_type": "LOHA",
-              "config": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}, QV),
-    "peft_adalora": ({"name": "peft", "peft_type": "ADALORA",
-                      "config": {"init_r": 4, "target_r": 2, "lora_alpha": 32, "total_step": 10,
-                                 "target_modules": ["q_proj", "v_proj"]}}, QV),
-    "peft_vera": ({"name": "peft", "peft_type": "VERA",
-                   "config": {"r": 8, "d_initial": 0.1, "target_modules": ["q_proj", "v_proj"]}}, QV),
+    "peft": ("peft", ("config.r=4", "config.alpha=8"), QV),
+    "peft_loha": ("loha", ("config.r=4", "config.alpha=8"), QV),
+    "peft_adalora": ("adalora", ("config.init_r=4", "config.target_r=2", "config.total_step=10",
+                                "config.lora_dropout=0.0"), QV),
+    "peft_vera": ("vera", ("config.r=8",), QV),
 }
+
+
+def row_cfg(name: str) -> dict:
+    yaml, overrides, _ = ADAPTERS[name]
+    return shipped("adapter", yaml, *overrides)
+
+
 # Rows whose frozen base is quantized: with the adapter off the model is that quantized base (not the fp32
 # tiny Llama), and the base layer as a dense Linear holds the dequantized weight (``layer.base_weight()``).
 QUANTIZED_BASE = {"qlora", "lq_lora"}
 
 
-def test_every_registered_adapter_has_a_row() -> None:
-    assert set(adapter_names()) == {cfg["name"] for cfg, _ in ADAPTERS.values()}
+def test_every_registered_adapter_and_shipped_yaml_has_a_row() -> None:
+    assert set(adapter_names()) == {row_cfg(name)["name"] for name in ADAPTERS}
+    assert set(group_choices("adapter")) == {yaml for yaml, _, _ in ADAPTERS.values()}
 
 
 def adapted(name: str, seed: int = 0):
-    cfg, _ = ADAPTERS[name]
     model = tiny_llama()
-    inject(model, build_adapter(OmegaConf.create(cfg)))
+    inject(model, build_adapter(row_cfg(name)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # move every adapter off its (often identity) init
         for _, layer in adapter_layers(model):
@@ -84,7 +82,7 @@ IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_injection_hits_exactly_the_targets(name: str) -> None:
     model = adapted(name)
-    assert [n for n, _ in adapter_layers(model)] == ADAPTERS[name][1]
+    assert [n for n, _ in adapter_layers(model)] == ADAPTERS[name][2]
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
@@ -94,7 +92,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(name: str) -> None:
     model(input_ids=IDS, labels=IDS).loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad == trainable
-    if ADAPTERS[name][1]:
+    if ADAPTERS[name][2]:
         # a layer's own parameters (what ``adapter_parameters`` returns: for petuner's layers everything
         # outside base_layer; for peft's, what peft trains)
         own = {f"{ln}.{pn}" for ln, layer in adapter_layers(model)
@@ -112,7 +110,7 @@ def test_save_load_round_trip(name: str, tmp_path) -> None:
         torch.testing.assert_close(fresh(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(ADAPTERS) if ADAPTERS[n][1]])
+@pytest.mark.parametrize("name", [n for n in sorted(ADAPTERS) if ADAPTERS[n][2]])
 def test_merge_equals_unmerged_and_disable_gives_base(name: str) -> None:
     model = adapted(name)
     base = unload(copy.deepcopy(model), merge=False) if name in QUANTIZED_BASE else tiny_llama()
@@ -126,7 +124,7 @@ def test_merge_equals_unmerged_and_disable_gives_base(name: str) -> None:
             torch.testing.assert_close(model(input_ids=IDS).logits, base(input_ids=IDS).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(ADAPTERS) if ADAPTERS[n][1]])
+@pytest.mark.parametrize("name", [n for n in sorted(ADAPTERS) if ADAPTERS[n][2]])
 def test_delta_weight_is_the_layer_change(name: str) -> None:
     model = adapted(name)
     for _, layer in adapter_layers(model):

@@ -11,8 +11,7 @@ from omegaconf import OmegaConf
 from petuner.adapters import adapter_layers, build_adapter, inject, trainable_parameters
 from petuner.errors import ConfigError
 from petuner.run import run
-from tests.test_lora import lora_cfg, tiny_llama
-from tests.test_lora_variants import exports_reload
+from tests.helpers import exports_reload, lora_cfg, tiny_llama
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 

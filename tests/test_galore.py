@@ -15,7 +15,7 @@ from petuner.optim import projectors as proj
 from petuner.optim.galore import GaLoreAdamW
 from petuner.optim.groups import galore_matrices
 from petuner.run import run
-from tests.test_lora import tiny_llama
+from tests.helpers import batches, tiny_llama, train
 
 
 def galore_cfg(**kw):
@@ -25,23 +25,6 @@ def galore_cfg(**kw):
     cfg = OmegaConf.create({**base, **kw})
     check_optimizer_cfg(cfg)
     return cfg
-
-
-def batches(n: int, vocab: int = 128, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (4, 16), generator=g) for _ in range(n)]
-
-
-def train(model, optimizer, data) -> list[float]:
-    losses = []
-    model.train()
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 def test_svd_projector_reproduces_galore_torch_over_a_refresh() -> None:

@@ -12,8 +12,7 @@ from petuner.adapters import build_adapter, inject, trainable_parameters
 from petuner.adapters.loldu import ldu
 from petuner.errors import ConfigError
 from petuner.run import run
-from tests.test_lora import tiny_llama
-from tests.test_lora_variants import exports_reload
+from tests.helpers import exports_reload, tiny_llama
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 CFGS = {"loldu": {"name": "loldu", "r": 4, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},

@@ -7,8 +7,6 @@ import copy
 import peft
 import pytest
 import torch
-from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from petuner.adapters import (
     adapter_layers,
@@ -22,19 +20,7 @@ from petuner.adapters import (
 )
 from petuner.adapters.base import match_targets
 from petuner.errors import ConfigError
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
-
-
-def lora_cfg(**kw):
-    base = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-            "scaling": "standard", "bias": "none"}
-    return OmegaConf.create({**base, **kw})
+from tests.helpers import lora_cfg, tiny_llama
 
 
 def randomize_b(model: torch.nn.Module) -> None:

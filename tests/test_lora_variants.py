@@ -4,21 +4,16 @@ rsLoRA, Gaussian init; and their exports reloaded by peft and transformers."""
 from __future__ import annotations
 
 import copy
-import json
 
 import peft
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import petuner
 from petuner.adapters import adapter_layers, build_adapter, disabled_adapters, inject, trainable_parameters
 from petuner.errors import ConfigError
-from petuner.export import export
-from petuner.models import load_model
 from petuner.run import run
-from petuner.run_folder import read_config
-from tests.test_lora import lora_cfg, tiny_llama
+from tests.helpers import exports_reload, lora_cfg, tiny_llama
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 PEFT_SEGMENTS = ("lora_A", "lora_B", "lora_magnitude_vector")
@@ -127,28 +122,6 @@ def test_bad_variant_options_are_one_line(key: str, value: str, message: str) ->
     with pytest.raises(ConfigError, match=message) as err:
         build_adapter(lora_cfg(**{key: value}))
     assert "\n" not in str(err.value)
-
-
-# --- exports: a short tiny run, then peft and transformers reload it without petuner ---
-
-def exports_reload(run_dir, tmp_path, peft_ok: bool = True) -> dict | None:
-    """Export ``run_dir`` merged (and as peft); each reload must give petuner's logits. Returns the peft config."""
-    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
-    model, _ = petuner.load(run_dir)
-    with torch.no_grad():
-        ours = model(input_ids=ids).logits
-        base = load_model(read_config(run_dir).model).eval()
-        assert (ours - base(input_ids=ids).logits).abs().max() > 1e-5  # the adapter changes the model
-    merged = AutoModelForCausalLM.from_pretrained(export(run_dir, "merged", tmp_path / "merged")).eval()
-    with torch.no_grad():
-        assert (merged(input_ids=ids).logits - ours).abs().max() <= 1e-4
-    if not peft_ok:
-        return None
-    out = export(run_dir, "peft", tmp_path / "peft")
-    reloaded = peft.PeftModel.from_pretrained(load_model(read_config(run_dir).model), str(out)).eval()
-    with torch.no_grad():
-        assert (reloaded(input_ids=ids).logits - ours).abs().max() <= 1e-5
-    return json.loads((out / "adapter_config.json").read_text())
 
 
 def test_dora_exports_as_peft_dora(cfg_factory, tmp_path) -> None:

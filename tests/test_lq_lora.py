@@ -20,7 +20,7 @@ from petuner.export import export
 from petuner.models import load_model
 from petuner.quant import allocate, bits_per_param, fisher_weights, lq_decompose, quantize, weighted_error
 from petuner.run import run
-from tests.test_lora import tiny_llama
+from tests.helpers import tiny_llama
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,24 +18,23 @@ from petuner.optim.groups import galore_matrices
 from petuner.run import run
 from petuner.train.logging import read_metrics
 from petuner.train.memory import MemoryHook, optimizer_state_bytes
-from tests.test_galore import batches, train
-from tests.test_lora import lora_cfg, tiny_llama
+from tests.helpers import batches, lora_cfg, shipped_cfg, tiny_llama, train
 
 CPU = torch.device("cpu")
 
 
 def opt_cfg(name: str, **kw):
-    cfg = OmegaConf.load(f"conf/optimizer/{name}.yaml")
-    cfg.merge_with(kw)
+    cfg = shipped_cfg("optimizer", name, **kw)
     check_optimizer_cfg(cfg)
     return cfg
 
 
-def test_every_optimizer_yaml_declares_exactly_its_options() -> None:
+def test_every_optimizer_yaml_sets_exactly_its_schema() -> None:
     for name, spec in OPTIMIZERS.items():
-        cfg = OmegaConf.load(f"conf/optimizer/{name}.yaml")
-        assert set(cfg.keys()) == {"name", *spec.options}, name
-        check_optimizer_cfg(cfg)
+        raw = OmegaConf.load(f"conf/optimizer/{name}.yaml")
+        assert list(raw.defaults) == [f"{name}_schema", "_self_"], name
+        assert set(raw.keys()) - {"defaults"} == {f.name for f in dataclasses.fields(spec.schema)}, name
+        check_optimizer_cfg(shipped_cfg("optimizer", name))
 
 
 @pytest.mark.parametrize("embeddings_32bit", [True, False])
@@ -130,8 +130,7 @@ def test_lora_plus_without_lora_is_an_error() -> None:
     ("adamw", {"name": "adam"}, r"optimizer='adam': allowed: adamw, sgd, adamw8bit, paged_adamw8bit, galore"),
 ])
 def test_bad_values_are_one_line_config_errors(name: str, override: dict, message: str) -> None:
-    cfg = OmegaConf.load(f"conf/optimizer/{name}.yaml")
-    cfg.merge_with(override)
+    cfg = shipped_cfg("optimizer", name, **override)
     with pytest.raises(ConfigError, match=message) as info:
         check_optimizer_cfg(cfg)
     assert "\n" not in str(info.value)

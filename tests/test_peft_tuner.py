@@ -15,8 +15,7 @@ from petuner.adapters.peft_tuner import AdaLoRAHook
 from petuner.errors import ConfigError
 from petuner.run import run
 from petuner.train.hooks import TrainState
-from tests.test_lora import tiny_llama
-from tests.test_lora_variants import exports_reload
+from tests.helpers import exports_reload, tiny_llama
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 QV = ["q_proj", "v_proj"]

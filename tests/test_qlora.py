@@ -16,7 +16,7 @@ from petuner.adapters.qlora import NF4_BITS_PER_PARAM
 from petuner.export import export
 from petuner.models import load_model
 from petuner.run import run
-from tests.test_lora import tiny_llama
+from tests.helpers import tiny_llama
 
 
 def qlora_cfg(**kw):

@@ -20,7 +20,7 @@ from petuner.run_folder import read_config
 from petuner.train.hooks import TrainState
 from petuner.train.logging import read_metrics
 from petuner.train.loop import Loop
-from tests.test_lora import tiny_llama
+from tests.helpers import tiny_llama
 
 SORA = {"name": "sora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
         "gate_init": "ones", "gate_optimizer": "sgd", "gate_lr": 0.1, "xi": 0.5, "xi_schedule": "constant",

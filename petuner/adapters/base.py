@@ -2,8 +2,9 @@
 
 An adapter layer wraps one frozen ``nn.Linear`` (kept as ``base_layer``) and adds its own
 parameters; it knows nothing of the loop, the data or the CLI. An ``AdapterMethod`` is the
-registry entry: it validates its options, chooses target layers, builds the layers, and may
-provide loop hooks and a peft description of itself. Attribute names follow peft's LoRA layout
+registry entry: its ``schema`` (a dataclass, see ``petuner.schema``) types and checks its options;
+it chooses target layers, builds the layers, and may provide loop hooks and a peft description of
+itself. Attribute names follow peft's LoRA layout
 (``base_layer``, ``lora_A``, ``lora_B``) so that a LoRA-shaped state dict *is* a peft one.
 """
 
@@ -17,11 +18,19 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 from petuner.errors import ConfigError
+from petuner.schema import conform
 from petuner.train.hooks import Hook
+
+
+@dataclass
+class AdapterSchema:
+    """The options every method's schema has; a method's schema subclasses it (or another method's)."""
+
+    name: str = ""
 
 
 @dataclass
@@ -122,18 +131,13 @@ class AdapterMethod(ABC):
     """A registry entry: one PEFT method, configured from its ``conf/adapter/<name>.yaml``."""
 
     name: ClassVar[str]
-    # Config keys this method accepts (besides ``name``); anything else is a misspelling.
-    options: ClassVar[tuple[str, ...]] = ()
+    # The dataclass of this method's options (its YAML's schema); a key it lacks is refused.
+    schema: ClassVar[type[AdapterSchema]] = AdapterSchema
     # peft's task_type per petuner task, for the peft export.
     peft_task_types: ClassVar[dict[str, str]] = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
 
     def __init__(self, cfg: DictConfig | dict[str, Any]) -> None:
-        cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-        unknown = sorted(set(cfg.keys()) - {"name", *self.options})
-        if unknown:
-            raise ConfigError(f"adapter.{unknown[0]} is not an option of adapter={self.name}; "
-                              f"allowed: {', '.join(self.options) or '(none)'}")
-        self.cfg = cfg
+        self.cfg = conform(self.schema, cfg, "adapter", f"adapter={self.name}")
 
     def calibration_batches(self) -> int:
         """How many training batches ``prepare`` needs (0: none)."""

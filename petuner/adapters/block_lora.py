@@ -16,16 +16,17 @@ B at zero; s = alpha/r (or alpha/√r with rslora). n must divide every target's
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from petuner.adapters.base import LoRAFactors
-from petuner.adapters.lora import LORA_OPTIONS, LoRA, LoRALinear
+from petuner.adapters.base import AdapterSchema, LoRAFactors
+from petuner.adapters.lora import LoRABase, LoRABaseSchema, LoRALinear
 from petuner.adapters.registry import register_adapter
-from petuner.checks import check_number
 from petuner.errors import ConfigError
+from petuner.schema import number
 
 
 class BlockLoRALinear(LoRALinear):
@@ -52,16 +53,18 @@ class BlockLoRALinear(LoRALinear):
         return LoRAFactors(A=self.full_A(), B=self.lora_B.weight, scaling=self.scaling)
 
 
+@dataclass
+class BlockLoRASchema(LoRABaseSchema):
+    name: str = "block_lora"
+    n_blocks: int = number(8, integer=True)  # must divide the input size of every target
+
+
 @register_adapter
-class BlockLoRA(LoRA):
+class BlockLoRA(LoRABase):
     """``adapter=block_lora``: LoRA's options plus ``n_blocks``; exports as the equivalent plain LoRA."""
 
     name = "block_lora"
-    options: ClassVar[tuple[str, ...]] = (*LORA_OPTIONS, "n_blocks")
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        check_number(self.cfg, "n_blocks", "adapter", integer=True)
+    schema: ClassVar[type[AdapterSchema]] = BlockLoRASchema
 
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         targets = super().select_targets(model, exclude)

@@ -14,6 +14,7 @@ part of the hook's ``state_dict``, so a resumed run draws exactly the ranks the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -21,12 +22,14 @@ from torch import nn
 
 from petuner.adapters.base import (
     AdapterMethod,
+    AdapterSchema,
     LoRAFactors,
     adapter_layers,
 )
-from petuner.adapters.lora import LoRALinear, LoRAShaped
+from petuner.adapters.lora import LoRACoreSchema, LoRALinear, LoRAShaped
 from petuner.adapters.registry import register_adapter
 from petuner.errors import ConfigError
+from petuner.schema import choice, flag
 from petuner.train.hooks import Hook, TrainState
 
 MODES = ("frozen", "unfrozen")
@@ -121,18 +124,23 @@ class RankSweepOnEval(Hook):
         self.method.set_rank(self.model, self.method.cfg.r)
 
 
+@dataclass
+class DyLoRASchema(LoRACoreSchema):
+    name: str = "dylora"
+    mode: str = choice("frozen", MODES)
+    rank_weights: list[float] | None = None  # null: b ~ Uniform{1..r}; or r non-negative weights
+    eval_all_ranks: bool = flag(False)
+
+
 @register_adapter
 class DyLoRA(LoRAShaped):
     name = "dylora"
-    options: ClassVar[tuple[str, ...]] = ("r", "alpha", "dropout", "target_modules", "mode", "rank_weights",
-                                          "eval_all_ranks")
+    schema: ClassVar[type[AdapterSchema]] = DyLoRASchema
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         c = self.cfg
-        if c.mode not in MODES:
-            raise ConfigError(f"adapter.mode={c.mode!r}: allowed: {', '.join(MODES)}")
-        weights = c.get("rank_weights")
+        weights = c.rank_weights
         if weights is not None:
             values = list(weights)
             if len(values) != c.r or any(not isinstance(w, (int, float)) or w < 0 for w in values) or not any(values):
@@ -144,7 +152,7 @@ class DyLoRA(LoRAShaped):
         return DyLoRALinear(base_layer, r=c.r, alpha=c.alpha, dropout=c.dropout, mode=c.mode)
 
     def hooks(self, model: nn.Module) -> list[Hook]:
-        hooks: list[Hook] = [RankDraw(model, self.cfg.r, self.cfg.get("rank_weights"))]
+        hooks: list[Hook] = [RankDraw(model, self.cfg.r, self.cfg.rank_weights)]
         if self.cfg.eval_all_ranks:
             hooks.append(RankSweepOnEval(self, model))
         return hooks

@@ -16,13 +16,21 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from petuner.adapters.base import AdapterLayer, AdapterMethod, LoRAFactors
-from petuner.adapters.lora import lora_targets
+from petuner.adapters.base import AdapterLayer, AdapterMethod, AdapterSchema, LoRAFactors
+from petuner.adapters.lora import check_target_modules, lora_targets
+from petuner.schema import checked, number
+
+
+@dataclass
+class FrozenFactorsSchema(AdapterSchema):
+    r: int = number(8, integer=True)  # trained diagonal entries per layer
+    target_modules: Any = checked("all-linear", check_target_modules)
 
 
 class FrozenFactorsLinear(AdapterLayer):
@@ -54,6 +62,8 @@ class FrozenFactorsLinear(AdapterLayer):
 
 class FrozenFactorsMethod(AdapterMethod):
     """What SVFit and LoLDU share as methods: rank-r targets, and a peft export as a scaling-1 LoRA."""
+
+    schema: ClassVar[type[AdapterSchema]] = FrozenFactorsSchema
 
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         return lora_targets(model, self.cfg, exclude)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from petuner.adapters.base import AdapterMethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from petuner.adapters.base import AdapterMethod, AdapterSchema
 from petuner.adapters.registry import register_adapter
+
+
+@dataclass
+class FullSchema(AdapterSchema):
+    name: str = "none"
 
 
 @register_adapter
 class FullFineTuning(AdapterMethod):
     name = "none"
+    schema: ClassVar[type[AdapterSchema]] = FullSchema
 
     def trains_base_model(self) -> bool:
         return True

@@ -12,14 +12,16 @@ W + P L_r diag(σ z − (alpha/r) D_r) U_r, leaving W untouched. The change is a
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from petuner.adapters.frozen_factors import FrozenFactorsLinear, FrozenFactorsMethod
+from petuner.adapters.base import AdapterSchema
+from petuner.adapters.frozen_factors import FrozenFactorsLinear, FrozenFactorsMethod, FrozenFactorsSchema
 from petuner.adapters.registry import register_adapter
-from petuner.checks import check_number
+from petuner.schema import number
 
 
 def ldu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,17 +45,18 @@ class LoLDULinear(FrozenFactorsLinear):
         return self.loldu_scale * self.loldu_z
 
 
+@dataclass
+class LoLDUSchema(FrozenFactorsSchema):
+    name: str = "loldu"
+    alpha: float = number(8.0)  # σ starts at alpha/r
+
+
 @register_adapter
 class LoLDU(FrozenFactorsMethod):
     """``adapter=loldu``: options ``r``, ``alpha`` (σ starts at alpha/r) and ``target_modules``."""
 
     name = "loldu"
-    options: ClassVar[tuple[str, ...]] = ("r", "alpha", "target_modules")
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        check_number(self.cfg, "r", "adapter", integer=True)
-        check_number(self.cfg, "alpha", "adapter")
+    schema: ClassVar[type[AdapterSchema]] = LoLDUSchema
 
     def make_layer(self, base_layer: nn.Linear) -> LoLDULinear:
         return LoLDULinear(base_layer, r=self.cfg.r, alpha=self.cfg.alpha)

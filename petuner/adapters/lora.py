@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -33,20 +34,52 @@ from torch.nn import functional as F
 from petuner.adapters.base import (
     AdapterLayer,
     AdapterMethod,
+    AdapterSchema,
     LoRAFactors,
     check_rank_fits,
     match_targets,
 )
 from petuner.adapters.registry import register_adapter
-from petuner.checks import check_number
 from petuner.errors import ConfigError
+from petuner.schema import checked, choice, number
 
 SCALINGS = ("standard", "rslora")
 BIASES = ("none", "all", "lora_only")
 INITS = ("kaiming", "gaussian", "pissa")
 VARIANTS = ("standard", "dora")
-# The options every LoRA-shaped method shares; ``adapter=lora`` adds ``init`` and ``variant``.
-LORA_OPTIONS = ("r", "alpha", "dropout", "target_modules", "scaling", "bias")
+
+
+def check_target_modules(cfg: Any, key: str, group: str) -> None:
+    value = cfg.get(key)
+    if not (isinstance(value, str) and value) and not (isinstance(value, Sequence) and value
+                                                       and all(isinstance(v, str) for v in value)):
+        raise ConfigError(f"{group}.{key}={value!r}: name the layers to adapt: a list of module names, "
+                          "\"all-linear\" or a regex")
+
+
+@dataclass
+class LoRACoreSchema(AdapterSchema):
+    """What every LoRA-shaped method takes (DyLoRA and SoRA add their own options to these)."""
+
+    r: int = number(8, integer=True)
+    alpha: float = number(16.0)
+    dropout: float = number(0.05, strict=False, below=1)
+    target_modules: Any = checked("all-linear", check_target_modules)  # names (suffix match), all-linear, a regex
+
+
+@dataclass
+class LoRABaseSchema(LoRACoreSchema):
+    """LoRA's options that QLoRA, LQ-LoRA and Block-LoRA share."""
+
+    scaling: str = choice("standard", SCALINGS)
+    bias: str = choice("none", BIASES)
+
+
+@dataclass
+class LoRASchema(LoRABaseSchema):
+    name: str = "lora"
+    init: str = choice("kaiming", INITS)
+    variant: str = choice("standard", VARIANTS)
 
 
 def lora_scaling(alpha: float, r: int, scaling: str) -> float:
@@ -197,12 +230,10 @@ def lora_peft_config(cfg: Any, targets: Sequence[str], task_type: str, head_modu
 
 
 class LoRAShaped(AdapterMethod):
-    """A base for methods whose layers are LoRA-shaped (LoRA itself, DyLoRA, SoRA): the shared options r, alpha,
-    dropout and target_modules are checked, targets resolved, and the peft form is a plain LoRA."""
+    """A base for methods whose layers are LoRA-shaped (LoRA itself, DyLoRA, SoRA): targets resolved and checked
+    against r, and the peft form is a plain LoRA."""
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        check_lora_cfg(self.cfg)
+    schema: ClassVar[type[AdapterSchema]] = LoRACoreSchema
 
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         return lora_targets(model, self.cfg, exclude)
@@ -213,42 +244,14 @@ class LoRAShaped(AdapterMethod):
         return lora_peft_config(self.cfg, targets, self.peft_task_types[task], head_modules, base_model_name_or_path)
 
 
-def check_lora_cfg(cfg: Any) -> None:
-    """The checks every LoRA-shaped method shares: r, alpha, dropout, and scaling and bias where offered."""
-    check_number(cfg, "r", "adapter", integer=True)
-    check_number(cfg, "alpha", "adapter")
-    check_number(cfg, "dropout", "adapter", strict=False, below=1)
-    if "scaling" in cfg and cfg.scaling not in SCALINGS:
-        raise ConfigError(f"adapter.scaling={cfg.scaling!r}: allowed: {', '.join(SCALINGS)}")
-    if "bias" in cfg and cfg.bias not in BIASES:
-        raise ConfigError(f"adapter.bias={cfg.bias!r}: allowed: {', '.join(BIASES)}")
+class LoRABase(LoRAShaped):
+    """LoRA layers with ``scaling`` and ``bias`` (LoRA, QLoRA, LQ-LoRA, Block-LoRA)."""
 
-
-@register_adapter
-class LoRA(LoRAShaped):
-    name = "lora"
-    options: ClassVar[tuple[str, ...]] = (*LORA_OPTIONS, "init", "variant")
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        if self.init not in INITS:
-            raise ConfigError(f"adapter.init={self.init!r}: allowed: {', '.join(INITS)}")
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"adapter.variant={self.variant!r}: allowed: {', '.join(VARIANTS)}")
-
-    # Optional keys: methods built on LoRA (qlora, block_lora) do not offer them.
-    @property
-    def init(self) -> str:
-        return self.cfg.get("init", "kaiming")
-
-    @property
-    def variant(self) -> str:
-        return self.cfg.get("variant", "standard")
+    schema: ClassVar[type[AdapterSchema]] = LoRABaseSchema
 
     def make_layer(self, base_layer: nn.Linear) -> LoRALinear:
         c = self.cfg
-        layer = DoRALinear if self.variant == "dora" else LoRALinear
-        return layer(base_layer, r=c.r, alpha=c.alpha, dropout=c.dropout, scaling=c.scaling, init=self.init)
+        return LoRALinear(base_layer, r=c.r, alpha=c.alpha, dropout=c.dropout, scaling=c.scaling)
 
     def extra_trainable(self, model: nn.Module, targets: Sequence[str]) -> list[str]:
         names = [n for n, _ in model.named_parameters() if n.endswith(".bias") or n == "bias"]
@@ -258,8 +261,25 @@ class LoRA(LoRAShaped):
             return [n for n in names if n.rsplit(".", 2)[0] in targets]
         return []
 
+    def peft_options(self) -> dict[str, Any]:
+        """``LoraConfig`` arguments beyond r, alpha, dropout and targets."""
+        return {"use_rslora": self.cfg.scaling == "rslora", "bias": self.cfg.bias}
+
     def peft_config(self, targets: Sequence[str], task: str, head_modules: Sequence[str],
                     base_model_name_or_path: str | None) -> Any:
+        return lora_peft_config(self.cfg, targets, self.peft_task_types[task], head_modules, base_model_name_or_path,
+                                **self.peft_options())
+
+
+@register_adapter
+class LoRA(LoRABase):
+    name = "lora"
+    schema: ClassVar[type[AdapterSchema]] = LoRASchema
+
+    def make_layer(self, base_layer: nn.Linear) -> LoRALinear:
         c = self.cfg
-        return lora_peft_config(c, targets, self.peft_task_types[task], head_modules, base_model_name_or_path,
-                                use_rslora=c.scaling == "rslora", use_dora=self.variant == "dora", bias=c.bias)
+        layer = DoRALinear if c.variant == "dora" else LoRALinear
+        return layer(base_layer, r=c.r, alpha=c.alpha, dropout=c.dropout, scaling=c.scaling, init=c.init)
+
+    def peft_options(self) -> dict[str, Any]:
+        return {**super().peft_options(), "use_dora": self.cfg.variant == "dora"}

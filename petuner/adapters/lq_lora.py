@@ -27,6 +27,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,12 +35,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from petuner.adapters.base import match_targets
-from petuner.adapters.lora import LORA_OPTIONS, LoRA
+from petuner.adapters.base import AdapterSchema, match_targets
+from petuner.adapters.lora import LoRABase, LoRABaseSchema
 from petuner.adapters.qlora import QuantizedBaseLoRA
 from petuner.adapters.registry import register_adapter
 from petuner.assets import cache_dir
-from petuner.checks import check_flag, check_number
 from petuner.errors import ConfigError, PetunerError
 from petuner.io import atomic_file
 from petuner.quant import (
@@ -55,6 +55,7 @@ from petuner.quant import (
 )
 from petuner.quant import fisher_weights as fisher_row_col
 from petuner.quant.lq import SVD_OVERSAMPLE, SVD_POWER_ITERATIONS
+from petuner.schema import choice, flag, number
 from petuner.train.checkpoint import save_tensors
 
 log = logging.getLogger(__name__)
@@ -119,22 +120,25 @@ def _fisher_path(model: nn.Module, names: Sequence[str]) -> Path:
 
 # --- the method --------------------------------------------------------------------------------
 
+@dataclass
+class LQLoRASchema(LoRABaseSchema):
+    name: str = "lq_lora"
+    bits: int = choice(4, BITS)  # NormalFloat bits when budget_bits is null
+    block_size: int = choice(64, BLOCK_SIZES)  # weights per absmax
+    iterations: int = number(10, integer=True)  # most alternations SVD ↔ quantize per matrix
+    fisher: bool = flag(False)  # weight the decomposition by a diagonal Fisher from calibration batches
+    calibration_batches: int = number(8, integer=True)
+    budget_bits: float | None = None  # average bits per quantized weight: per-matrix bits chosen by an ILP
+
+
 @register_adapter
-class LQLoRA(LoRA):
+class LQLoRA(LoRABase):
     name = "lq_lora"
-    options: ClassVar[tuple[str, ...]] = (*LORA_OPTIONS, "bits", "block_size", "iterations", "fisher",
-                                          "calibration_batches", "budget_bits")
+    schema: ClassVar[type[AdapterSchema]] = LQLoRASchema
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         c = self.cfg
-        if c.bits not in BITS:
-            raise ConfigError(f"adapter.bits={c.bits!r}: allowed: {', '.join(map(str, BITS))}")
-        if c.block_size not in BLOCK_SIZES:
-            raise ConfigError(f"adapter.block_size={c.block_size!r}: allowed: {', '.join(map(str, BLOCK_SIZES))}")
-        check_number(c, "iterations", "adapter", integer=True)
-        check_number(c, "calibration_batches", "adapter", integer=True)
-        check_flag(c, "fisher", "adapter")
         lowest = bits_per_param(min(BITS), c.block_size)
         budget = c.budget_bits
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))

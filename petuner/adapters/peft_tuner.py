@@ -20,31 +20,28 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
 
 from petuner.adapters.base import (
     AdapterLayer,
     AdapterMethod,
+    AdapterSchema,
     Injection,
     adapter_layers,
     match_targets,
     set_submodule,
 )
 from petuner.adapters.registry import register_adapter
-from petuner.errors import ConfigError
+from petuner.errors import ConfigError, first_line
+from petuner.schema import checked, items
 from petuner.train.hooks import Hook, TrainState
 
 ADAPTER = "default"  # peft's adapter name
-
-
-def first_line(err: Exception) -> str:
-    """peft's own message, one line of it (or the exception's name when it has none)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def peft_types() -> list[str]:
@@ -187,22 +184,29 @@ class AdaLoRAHook(Hook):
         self.config.total_step = state["total_step"]
 
 
+def check_peft_type(cfg: Any, key: str, group: str) -> None:
+    allowed = peft_types()
+    if cfg.get(key) not in allowed:
+        raise ConfigError(f"{group}.{key}={cfg.get(key)!r}: allowed: {', '.join(allowed)}")
+
+
+@dataclass
+class PeftSchema(AdapterSchema):
+    name: str = "peft"
+    peft_type: str = checked("LORA", check_peft_type)  # a peft.PeftType name
+    config: dict[str, Any] = items(dict)  # the keyword arguments of its config class
+
+
 @register_adapter
 class PeftTuner(AdapterMethod):
     """``adapter=peft``: ``peft_type`` (a peft.PeftType name) and ``config`` (its config class's kwargs)."""
 
     name = "peft"
-    options: ClassVar[tuple[str, ...]] = ("peft_type", "config")
+    schema: ClassVar[type[AdapterSchema]] = PeftSchema
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        allowed = peft_types()
-        if self.cfg.get("peft_type") not in allowed:
-            raise ConfigError(f"adapter.peft_type={self.cfg.get('peft_type')!r}: allowed: {', '.join(allowed)}")
-        config = self.cfg.get("config")
-        if not isinstance(config, (DictConfig, dict)):
-            raise ConfigError(f"adapter.config={config!r}: must be a mapping of {self.config_class().__name__} "
-                              "arguments, e.g. {r: 8, target_modules: [q_proj, v_proj]}")
+        config = self.cfg.config
         if config.get("target_modules") is None:
             raise ConfigError("adapter.config.target_modules is missing: name the layers to adapt "
                               "(e.g. ${model.lora_targets}, \"all-linear\" or a regex)")

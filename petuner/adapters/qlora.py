@@ -11,15 +11,18 @@ full-precision ``nn.Linear`` holding the dequantized base plus the update.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from petuner.adapters.lora import LORA_OPTIONS, LoRA, LoRALinear
+from petuner.adapters.base import AdapterSchema
+from petuner.adapters.lora import LoRABase, LoRABaseSchema, LoRALinear
 from petuner.adapters.registry import register_adapter
 from petuner.quant import bits_per_param
+from petuner.quiet import release_4bit_kernel_warning
 
 NF4_BITS_PER_PARAM = bits_per_param(4, 64)  # bitsandbytes' NF4 at blocksize 64 with double quantization
 
@@ -77,6 +80,7 @@ def nf4_linear(linear: nn.Linear) -> nn.Module:
     """``linear`` as a bitsandbytes NF4 layer with double quantization, on the same device."""
     import bitsandbytes as bnb
 
+    release_4bit_kernel_warning()
     weight = linear.weight
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=weight.dtype,
                               compress_statistics=True, quant_type="nf4", device="meta")
@@ -102,12 +106,17 @@ class QLoRALinear(QuantizedBaseLoRA):
         return dequantize_4bit(weight.data, weight.quant_state)
 
 
+@dataclass
+class QLoRASchema(LoRABaseSchema):
+    name: str = "qlora"
+
+
 @register_adapter
-class QLoRA(LoRA):
+class QLoRA(LoRABase):
     """``adapter=qlora``: LoRA's options; the targets' weights are stored NF4 (bitsandbytes)."""
 
     name = "qlora"
-    options: ClassVar[tuple[str, ...]] = LORA_OPTIONS
+    schema: ClassVar[type[AdapterSchema]] = QLoRASchema
 
     def make_layer(self, base_layer: nn.Linear) -> QLoRALinear:
         c = self.cfg

@@ -19,20 +19,21 @@ outputs as the gated model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from petuner.adapters.base import (
+    AdapterSchema,
     LoRAFactors,
     adapter_layers,
 )
-from petuner.adapters.lora import LoRALinear, LoRAShaped
+from petuner.adapters.lora import LoRACoreSchema, LoRALinear, LoRAShaped
 from petuner.adapters.registry import register_adapter
-from petuner.checks import check_number
-from petuner.errors import ConfigError
 from petuner.io import atomic_write_json, atomic_write_text
+from petuner.schema import choice, number
 from petuner.train.hooks import Hook, TrainState
 
 GATE_INITS = ("ones", "randn")
@@ -135,25 +136,22 @@ class ProximalGateStep(Hook):
         self.curve = list(state["curve"])
 
 
+@dataclass
+class SoRASchema(LoRACoreSchema):
+    name: str = "sora"
+    gate_init: str = choice("ones", GATE_INITS)
+    gate_optimizer: str = choice("sgd", GATE_OPTIMIZERS)  # the gates' own optimizer before soft-thresholding
+    gate_lr: float = number(1.0e-2)
+    xi: float = number(0.5, strict=False)  # L1 weight ξ (threshold gate_lr·ξ per step)
+    xi_schedule: str = choice("constant", XI_SCHEDULES)
+    xi_final: float = number(2.0, strict=False)  # linear/step schedules rise from xi to xi_final
+    xi_steps: int = number(4, integer=True)  # stairs of the step schedule
+
+
 @register_adapter
 class SoRA(LoRAShaped):
     name = "sora"
-    options: ClassVar[tuple[str, ...]] = ("r", "alpha", "dropout", "target_modules", "gate_init", "gate_optimizer",
-                                          "gate_lr", "xi", "xi_schedule", "xi_final", "xi_steps")
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        c = self.cfg
-        check_number(c, "gate_lr", "adapter")
-        check_number(c, "xi", "adapter", strict=False)
-        for key, allowed in (("gate_init", GATE_INITS), ("gate_optimizer", GATE_OPTIMIZERS),
-                             ("xi_schedule", XI_SCHEDULES)):
-            if c[key] not in allowed:
-                raise ConfigError(f"adapter.{key}={c[key]!r}: allowed: {', '.join(allowed)}")
-        if c.xi_schedule != "constant":
-            check_number(c, "xi_final", "adapter", strict=False)
-        if c.xi_schedule == "step":
-            check_number(c, "xi_steps", "adapter", integer=True)
+    schema: ClassVar[type[AdapterSchema]] = SoRASchema
 
     def make_layer(self, base_layer: nn.Linear) -> SoRALinear:
         c = self.cfg

@@ -9,14 +9,15 @@ function as W + U_r diag(σ − S_r) V_rᵀ, which leaves W untouched. The chang
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from petuner.adapters.frozen_factors import FrozenFactorsLinear, FrozenFactorsMethod
+from petuner.adapters.base import AdapterSchema
+from petuner.adapters.frozen_factors import FrozenFactorsLinear, FrozenFactorsMethod, FrozenFactorsSchema
 from petuner.adapters.registry import register_adapter
-from petuner.checks import check_number
 
 
 class SVFitLinear(FrozenFactorsLinear):
@@ -30,16 +31,17 @@ class SVFitLinear(FrozenFactorsLinear):
         return self.svfit_sigma
 
 
+@dataclass
+class SVFitSchema(FrozenFactorsSchema):
+    name: str = "svfit"
+
+
 @register_adapter
 class SVFit(FrozenFactorsMethod):
     """``adapter=svfit``: options ``r`` (singular values trained per layer) and ``target_modules``."""
 
     name = "svfit"
-    options: ClassVar[tuple[str, ...]] = ("r", "target_modules")
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        check_number(self.cfg, "r", "adapter", integer=True)
+    schema: ClassVar[type[AdapterSchema]] = SVFitSchema
 
     def make_layer(self, base_layer: nn.Linear) -> SVFitLinear:
         return SVFitLinear(base_layer, r=self.cfg.r)

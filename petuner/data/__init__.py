@@ -13,14 +13,12 @@ import datasets
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-from petuner.checks import check_number
 from petuner.data import classification, sft, text
+from petuner.data.schema import TASK_OF_KIND
 from petuner.data.sources import read_rows
 from petuner.errors import ConfigError, PetunerError
 
-KINDS = ("sft", "text", "classification")
 COLUMNS = {"sft": ("prompt", "response"), "text": ("text",), "classification": ("text", "label")}
-TASK_OF_KIND = {"sft": "causal_lm", "text": "causal_lm", "classification": "seq_cls"}
 
 
 @dataclass
@@ -45,20 +43,6 @@ def infer_kind(rows: list[dict[str, Any]]) -> str:
                        "{prompt, response}, {text, label} or {text}")
 
 
-def check_data_cfg(cfg: Any, task: str | None = None, context: int | None = None) -> None:
-    """Validate the data config before anything is read; task/context come from the model when known."""
-    if cfg.kind not in (*KINDS, "auto"):
-        raise ConfigError(f"data.kind={cfg.kind!r}: allowed: auto, {', '.join(KINDS)}")
-    check_number(cfg, "max_length", "data", low=2, strict=False, integer=True)
-    if context is not None and cfg.max_length > context:
-        raise ConfigError(f"data.max_length={cfg.max_length} exceeds the model's context of {context} tokens")
-    size = cfg.eval_size
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
-        raise ConfigError(f"data.eval_size={size!r}: a fraction in (0, 1) or a count >= 1")
-    if cfg.kind != "auto" and task is not None and TASK_OF_KIND[cfg.kind] != task:
-        raise ConfigError(f"data.kind={cfg.kind} needs a {TASK_OF_KIND[cfg.kind]} model, but model.task={task}")
-
-
 def _check_columns(rows: list[dict[str, Any]], kind: str, where: str) -> None:
     for number, row in enumerate(rows, start=1):
         missing = [c for c in COLUMNS[kind] if c not in row or row[c] is None]
@@ -81,7 +65,7 @@ def build_data(cfg: Any, tokenizer: Any, task: str) -> DataBundle:
         raise PetunerError(f"data.path={cfg.path}: {len(rows)} examples cannot give data.eval_size={cfg.eval_size}")
     split = Dataset.from_list(rows).train_test_split(test_size=size, seed=int(cfg.split_seed))
     train, held_out = split["train"], split["test"]
-    if cfg.get("limit"):
+    if cfg.limit:
         train = train.select(range(min(int(cfg.limit), len(train))))
     if kind == "classification":
         train, held_out = (classification.build(d, tokenizer, cfg, names) for d in (train, held_out))

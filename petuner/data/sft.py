@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from petuner.errors import PetunerError
+
 IGNORE = -100
 FALLBACK_TEMPLATE = "Question: {prompt}\nAnswer: "
 
@@ -23,7 +25,9 @@ def format_pair(tokenizer: Any, prompt: str, response: str, system_prompt: str |
     full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}],
                                          tokenize=False)
     if not full.startswith(head):
-        raise ValueError("the chat template does not render the prompt as a prefix of the full chat")
+        raise PetunerError(f"the chat template of tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} does not "
+                           "render the prompt as a prefix of the full chat, so the answer cannot be masked; set "
+                           "model.tokenizer to one whose template does")
     return head, full[len(head):]
 
 
@@ -38,7 +42,7 @@ def tokenize_pair(row: dict[str, Any], tokenizer: Any, max_length: int,
 
 
 def build(dataset: Any, tokenizer: Any, cfg: Any) -> Any:
-    system_prompt = cfg.get("system_prompt")
+    system_prompt = cfg.system_prompt
     out = dataset.map(tokenize_pair, remove_columns=dataset.column_names,
                       fn_kwargs={"tokenizer": tokenizer, "max_length": int(cfg.max_length),
                                  "system_prompt": system_prompt})

@@ -6,13 +6,34 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from petuner.errors import ConfigError
+from petuner.schema import choice, items
 
-LOGGERS = ("wandb", "none")
 METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class LoggerSchema:
+    """``logger=none``: only metrics.jsonl. Each logger's schema (``conf/logger/<name>.yaml`` names
+    ``<name>_schema``) subclasses it."""
+
+    name: str = "none"
+
+
+@dataclass
+class WandbSchema(LoggerSchema):
+    name: str = "wandb"
+    project: str = "petuner"
+    mode: str = choice("offline", ("offline", "online", "disabled"))
+    group: str | None = None
+    tags: list[str] = items(list)
+
+
+LOGGERS: dict[str, type[LoggerSchema]] = {"wandb": WandbSchema, "none": LoggerSchema}
 
 
 class MetricsLog:
@@ -30,7 +51,7 @@ class MetricsLog:
         if cfg.name == "wandb" and cfg.mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
 
-            self.wandb = wandb.init(project=cfg.project, group=cfg.get("group"), tags=list(cfg.get("tags") or []),
+            self.wandb = wandb.init(project=cfg.project, group=cfg.group, tags=list(cfg.tags),
                                     mode=cfg.mode, dir=str(run_dir), name=Path(run_dir).name,
                                     config=run_config, resume="allow", id=_wandb_id(run_dir))
 

@@ -1,0 +1,46 @@
+"""The ``data`` group's schema (every ``conf/data/*.yaml`` names it: ``- data_schema``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from petuner.checks import shown
+from petuner.data.sources import FORMATS
+from petuner.errors import ConfigError
+from petuner.schema import checked, choice, number
+
+KINDS = ("sft", "text", "classification")
+TASK_OF_KIND = {"sft": "causal_lm", "text": "causal_lm", "classification": "seq_cls"}
+
+
+def check_eval_size(cfg: Any, key: str, group: str) -> None:
+    size = cfg.get(key)
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
+        raise ConfigError(f"{group}.{key}={shown(size)}: a fraction in (0, 1) or a count >= 1")
+
+
+@dataclass
+class DataSchema:
+    name: str = ""
+    format: str = choice("jsonl", tuple(FORMATS))
+    kind: str = choice("auto", ("auto", *KINDS))  # auto: read off the columns
+    path: str | None = None  # a file or folder, or asset:<name>
+    max_length: int = number(256, low=2, strict=False, integer=True)  # longer examples are truncated
+    eval_size: float = checked(0.05, check_eval_size)  # fraction (<1) or count (>=1) held out
+    split_seed: int = number(0, strict=False, integer=True)
+    limit: int | None = number(None, low=1, strict=False, integer=True, optional=True)
+    system_prompt: str | None = None  # sft only; null: the chat template's default
+
+
+def check_data_combination(cfg: Any, task: str | None = None, context: int | None = None) -> None:
+    """What one key alone cannot say: the kind against the model's task, max_length against its context."""
+    if cfg.path is None:
+        raise ConfigError(f"data.path is not set: data={cfg.name} needs data.path=/path/to/file")
+    if context is not None and cfg.max_length > context:
+        raise ConfigError(f"data.max_length={cfg.max_length} exceeds the model's context of {context} tokens")
+    if cfg.kind != "auto" and task is not None and TASK_OF_KIND[cfg.kind] != task:
+        raise ConfigError(f"data.kind={cfg.kind} needs a {TASK_OF_KIND[cfg.kind]} model, but model.task={task}")
+    if cfg.system_prompt is not None and cfg.kind in ("text", "classification"):
+        raise ConfigError(f"data.system_prompt is set but data.kind={cfg.kind} has no chat turns: "
+                          "it applies to sft data only (set data.system_prompt=null)")

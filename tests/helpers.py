@@ -1,0 +1,85 @@
+"""Helpers shared by several test modules (tests import them from here, never from each other)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from petuner.config import compose_config
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def lora_cfg(**kw):
+    base = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+            "scaling": "standard", "bias": "none"}
+    return OmegaConf.create({**base, **kw})
+
+
+def shipped(group: str, name: str, *overrides: str) -> dict[str, Any]:
+    """``conf/<group>/<name>.yaml`` as composed for ``model=tiny_llama`` (interpolations resolved), with
+    ``overrides`` (``key=value`` within the group) applied: the shipped values, not a restatement."""
+    cfg = compose_config(["model=tiny_llama", f"{group}={name}", "run_dir=.",
+                          *(f"{group}.{o}" for o in overrides)])
+    node = OmegaConf.to_container(cfg[group], resolve=True)
+    assert isinstance(node, dict)
+    return node
+
+
+def shipped_cfg(group: str, name: str, /, *overrides: str, **values: Any) -> DictConfig:
+    """``shipped`` as a plain (unchecked) DictConfig, with ``values`` merged in as given."""
+    return OmegaConf.create({**shipped(group, name, *overrides), **values})
+
+
+def batches(n: int, vocab: int = 128, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (4, 16), generator=g) for _ in range(n)]
+
+
+def train(model, optimizer, data) -> list[float]:
+    losses = []
+    model.train()
+    for ids in data:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def exports_reload(run_dir, tmp_path, peft_ok: bool = True) -> dict | None:
+    """Export ``run_dir`` merged (and as peft); each reload must give petuner's logits. Returns the peft config."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    import petuner
+    from petuner.export import export
+    from petuner.models import load_model
+    from petuner.run_folder import read_config
+
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    model, _ = petuner.load(run_dir)
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        base = load_model(read_config(run_dir).model).eval()
+        assert (ours - base(input_ids=ids).logits).abs().max() > 1e-5  # the adapter changes the model
+    merged = AutoModelForCausalLM.from_pretrained(export(run_dir, "merged", tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - ours).abs().max() <= 1e-4
+    if not peft_ok:
+        return None
+    out = export(run_dir, "peft", tmp_path / "peft")
+    reloaded = peft.PeftModel.from_pretrained(load_model(read_config(run_dir).model), str(out)).eval()
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - ours).abs().max() <= 1e-5
+    return json.loads((out / "adapter_config.json").read_text())
