@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -190,11 +190,21 @@ def check_peft_type(cfg: Any, key: str, group: str) -> None:
         raise ConfigError(f"{group}.{key}={cfg.get(key)!r}: allowed: {', '.join(allowed)}")
 
 
+def check_peft_config(cfg: Any, key: str, group: str) -> None:
+    value = cfg.get(key)
+    if not isinstance(value, Mapping):
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        cls = PEFT_TYPE_TO_CONFIG_MAPPING[cfg.get("peft_type")].__name__
+        raise ConfigError(f"{group}.{key}={value!r}: must be a mapping of {cls} arguments, "
+                          "e.g. {r: 8, target_modules: [q_proj, v_proj]}")
+
+
 @dataclass
 class PeftSchema(AdapterSchema):
     name: str = "peft"
     peft_type: str = checked("LORA", check_peft_type)  # a peft.PeftType name
-    config: dict[str, Any] = items(dict)  # the keyword arguments of its config class
+    config: dict[str, Any] = items(dict, check_peft_config)  # the keyword arguments of its config class
 
 
 @register_adapter
