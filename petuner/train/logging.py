@@ -22,6 +22,7 @@ class LoggerSchema:
     ``<name>_schema``) subclasses it."""
 
     name: str = "none"
+    group: str | None = None  # the runs' group (a sweep sets its folder's name): for loggers that group runs
 
 
 @dataclass
@@ -29,7 +30,6 @@ class WandbSchema(LoggerSchema):
     name: str = "wandb"
     project: str = "petuner"
     mode: str = choice("offline", ("offline", "online", "disabled"))
-    group: str | None = None
     tags: list[str] = items(list)
 
 
