@@ -22,7 +22,9 @@ import dataclasses
 import difflib
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -82,7 +84,15 @@ def group_schema(cfg: DictConfig, group: str) -> type:
     return next(iter(schemas()[group].values()))
 
 
-def validate(cfg: DictConfig) -> None:
+@dataclass
+class Plan:
+    """What ``validate`` built while checking: the run uses these rather than building them again."""
+
+    method: Any  # the adapter method (petuner.adapters.AdapterMethod), options checked
+    data: DictConfig  # the data group, checked against its schema and the model's task
+
+
+def validate(cfg: DictConfig) -> Plan:
     """Check every group of a composed run config; raises ConfigError naming the first bad value."""
     from petuner.adapters import build_adapter
     from petuner.data.schema import check_data_combination
@@ -96,10 +106,11 @@ def validate(cfg: DictConfig) -> None:
                for group in GROUPS if group != "adapter"}
     check_model_combination(checked["model"])
     check_data_combination(checked["data"], checked["model"].task)
-    build_adapter(cfg.adapter)
+    method = build_adapter(cfg.adapter)
     check_trainer_combination(checked["trainer"])
     if cfg.get("export") not in EXPORTS:
         raise ConfigError(f"export={cfg.export!r}: allowed: null, merged, peft")
+    return Plan(method=method, data=checked["data"])
 
 
 def compose_config(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:

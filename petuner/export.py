@@ -2,9 +2,10 @@
 
 peft format: ``adapter_config.json`` (written by peft's own ``LoraConfig``) and
 ``adapter_model.safetensors`` whose keys are ``base_model.model.<module>.lora_A.weight`` etc.;
-``peft.PeftModel.from_pretrained(base, DIR)`` loads it. Each layer gives its tensors through
-``peft_lora`` (a variant's extras too, e.g. DoRA's magnitude); an adapter living in peft's own
-layers (``adapter=peft``) is rebuilt as a ``PeftModel`` and saved by peft's ``save_pretrained``.
+``peft.PeftModel.from_pretrained(base, DIR)`` loads it. Each layer gives its tensors through its
+``lora_view`` (a variant's extras too, e.g. DoRA's magnitude) and the config is fitted to them
+(``petuner.adapters.peft_form``); an adapter living in peft's own layers (``PeftNative``) is rebuilt
+as a ``PeftModel`` and saved by peft's ``save_pretrained``.
 Merged: every adapter folded into its base weight, the wrappers removed, saved with
 ``save_pretrained`` alongside the tokenizer, loadable by the matching ``AutoModel`` class without
 petuner. Both are written to a temporary folder first and renamed into place; an existing non-empty
@@ -14,24 +15,20 @@ destination needs ``force``.
 from __future__ import annotations
 
 import logging
-import math
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
-import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
-from petuner.adapters import LoRAFactors, adapter_layers, adapter_state_dict, unload
+from petuner.adapters import LoRAFactors, unload
+from petuner.adapters.base import PeftNative, QuantizedBase, RankDynamic
+from petuner.adapters.peft_form import lora_config, lora_state_dict, lora_views
 from petuner.errors import PetunerError
-from petuner.io import atomic_dir
+from petuner.io import atomic_dir, save_tensors
 from petuner.manifest import write_manifest
 from petuner.models import load_model
 from petuner.run_folder import LoadedRun, load
 
 FORMATS = ("peft", "merged")
-PEFT_PREFIX = "base_model.model."
 log = logging.getLogger(__name__)
 
 
@@ -43,44 +40,14 @@ def _check_destination(out: Path, force: bool) -> None:
 
 
 def lora_factors(run: LoadedRun) -> dict[str, LoRAFactors]:
-    """Every adapter layer as a plain LoRA; layers pruned to rank 0 (SoRA) drop out."""
-    factors: dict[str, LoRAFactors] = {}
-    for name, layer in adapter_layers(run.model):
-        lora = layer.peft_lora()
-        if lora is None:
-            raise PetunerError(f"adapter={run.cfg.adapter.name} has no peft form (layer {name}); use --format merged")
-        if lora.A.shape[0] > 0:
-            factors[name] = lora
+    """Every adapter layer's LoRA view; layers pruned to rank 0 (SoRA) drop out."""
+    views = lora_views(run.model)
+    if run.method.peft_options() is None or any(view is None for view in views.values()):
+        raise PetunerError(f"adapter={run.cfg.adapter.name} has no peft form; use --format merged")
+    factors = {name: view for name, view in views.items() if view is not None and view.A.shape[0] > 0}
     if not factors:
         raise PetunerError("every adapter layer has rank 0 (all gates pruned): nothing to export as peft")
     return factors
-
-
-def fit_ranks(config: Any, factors: dict[str, LoRAFactors]) -> None:
-    """Set r / lora_alpha to the layers' actual ranks and scales; layers that differ go in peft's
-    ``rank_pattern`` / ``alpha_pattern`` (a SoRA export's ranks differ per layer, a DyLoRA export's
-    rank is the chosen truncation)."""
-    def alpha(rank: int, scaling: float) -> float:
-        return scaling * (math.sqrt(rank) if config.use_rslora else rank)
-
-    pairs = {name: (f.A.shape[0], alpha(f.A.shape[0], f.scaling)) for name, f in factors.items()}
-    config.r, config.lora_alpha = Counter(pairs.values()).most_common(1)[0][0]
-    config.rank_pattern = {n: r for n, (r, _) in pairs.items() if r != config.r}
-    config.alpha_pattern = {n: a for n, (_, a) in pairs.items() if a != config.lora_alpha}
-
-
-def peft_state_dict(run: LoadedRun, factors: dict[str, LoRAFactors]) -> dict[str, torch.Tensor]:
-    """peft LoRA tensors: the factors, plus biases and task heads that trained alongside."""
-    state: dict[str, torch.Tensor] = {}
-    for name, lora in factors.items():
-        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora.A
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora.B
-        state.update({f"{PEFT_PREFIX}{name}.{key}": tensor for key, tensor in lora.extra.items()})
-    own = tuple(f"{name}." for name, _ in adapter_layers(run.model))
-    for key, tensor in adapter_state_dict(run.model).items():
-        if not key.startswith(own) or ".base_layer." in key:
-            state[PEFT_PREFIX + key] = tensor
-    return state
 
 
 def model_card(run: LoadedRun, fmt: str) -> str:
@@ -97,33 +64,26 @@ def model_card(run: LoadedRun, fmt: str) -> str:
     else:
         lines += ["The adapter is merged into the weights: load this folder with the matching transformers",
                   "Auto class (e.g. `AutoModelForCausalLM.from_pretrained(\"<this folder>\")`)."]
-    if note := run.method.export_note(fmt):
-        lines += ["", note]
+    if isinstance(run.method, QuantizedBase):
+        lines += ["", run.method.export_note(fmt)]
     return "\n".join(lines) + "\n"
 
 
 def export_peft(run: LoadedRun, out: Path) -> None:
     """Write the peft adapter files into the (temporary) folder ``out``."""
-    config = run.method.peft_config(run.info["targets"], run.cfg.model.task, run.info["head_modules"],
-                                    run.info.get("base_model"))
-    if config is None:
-        raise PetunerError(f"adapter={run.cfg.adapter.name} has no peft form; use --format merged")
-    native = run.method.to_peft_model(run.model, config, lambda: load_model(
-        run.cfg.model, num_labels=len(run.info.get("label_names") or []) or None))
-    if native is not None:  # the adapter is peft's own: peft writes its files
-        native.save_pretrained(str(out))
+    task, heads, base = run.cfg.model.task, run.info["head_modules"], run.info.get("base_model")
+    if isinstance(run.method, PeftNative):  # the adapter is peft's own: peft writes its files
+        run.method.peft_model(run.model, task, heads, base, lambda: load_model(
+            run.cfg.model, num_labels=len(run.info.get("label_names") or []) or None)).save_pretrained(str(out))
         return
     factors = lora_factors(run)
-    config.target_modules = list(factors)
-    fit_ranks(config, factors)
-    state = peft_state_dict(run, factors)
-    config.save_pretrained(str(out))
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "adapter_model.safetensors"))
+    lora_config(factors, run.method.peft_options() or {}, task, heads, base).save_pretrained(str(out))
+    save_tensors(lora_state_dict(run.model, factors), out / "adapter_model.safetensors")
 
 
 def export_merged(run: LoadedRun, out: Path) -> None:
     """Write the merged model and tokenizer into the (temporary) folder ``out``."""
-    if any(layer.quantized_base for _, layer in adapter_layers(run.model)):
+    if isinstance(run.method, QuantizedBase):
         log.info("adapter=%s trained on a quantized base: the merged export holds the dequantized base weights "
                  "plus the adapter in full precision", run.cfg.adapter.name)
     model = unload(run.model, merge=True)
@@ -142,6 +102,9 @@ def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = Fals
     _check_destination(out, force)
     run = load(run_dir)
     if rank is not None:
+        if not isinstance(run.method, RankDynamic):
+            raise PetunerError(f"adapter={run.cfg.adapter.name} has a fixed rank; --rank needs a rank-dynamic "
+                               "adapter (dylora)")
         run.method.set_rank(run.model, rank)
     with atomic_dir(out, replace=True) as tmp:  # a kill at any moment leaves no half-written export
         (export_peft if fmt == "peft" else export_merged)(run, tmp)

@@ -1,7 +1,8 @@
-"""Atomic file and folder writes: a crash or kill never leaves a half-written checkpoint or export.
+"""Atomic file and folder writes, and the run folder's file names: one module every layer may import.
 
-Everything is written under a temporary name in the destination's parent folder, flushed with
-fsync, then renamed into place (``os.replace`` is atomic on POSIX within one file system).
+A crash or kill never leaves a half-written checkpoint or export: everything is written under a
+temporary name in the destination's parent folder, flushed with fsync, then renamed into place
+(``os.replace`` is atomic on POSIX within one file system).
 """
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+# A run folder (see petuner/run_folder.py for what each holds).
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+ADAPTER_FILE = "adapter.safetensors"  # in the run folder and in each checkpoint
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"  # a checkpoint's optimizer, scheduler, scaler, hook and RNG states
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Tensors as safetensors (detached, contiguous, on the CPU); wrap in ``atomic_file`` for atomicity."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
 def fsync_dir(path: Path) -> None:

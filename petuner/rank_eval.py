@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from petuner.adapters.base import RankDynamic
 from petuner.data import build_data
 from petuner.errors import PetunerError
 from petuner.io import atomic_file, atomic_write_json, atomic_write_text
+from petuner.report import markdown_table
 from petuner.run_folder import load
 from petuner.train.device import resolve_device, resolve_precision
 from petuner.train.loop import evaluate
@@ -20,8 +22,7 @@ from petuner.train.loop import evaluate
 
 def eval_ranks(run_dir: Path | str, out: Path | str | None = None) -> list[dict[str, Any]]:
     run = load(run_dir)
-    ranks = run.method.ranks()
-    if not ranks:
+    if not isinstance(run.method, RankDynamic):
         raise PetunerError(f"adapter={run.cfg.adapter.name} has a fixed rank; eval-ranks needs a rank-dynamic "
                            "adapter (dylora)")
     data = build_data(run.cfg.data, run.tokenizer, run.cfg.model.task)
@@ -29,7 +30,7 @@ def eval_ranks(run_dir: Path | str, out: Path | str | None = None) -> list[dict[
     dtype = resolve_precision(run.cfg.trainer.precision, device)
     run.model.to(device)
     rows = []
-    for rank in ranks:
+    for rank in run.method.ranks():
         run.method.set_rank(run.model, rank)
         rows.append({"rank": rank, **evaluate(run.model, data, run.cfg.trainer.eval_batch_size, device, dtype)})
     write_rank_table(rows, Path(out) if out else Path(run_dir), title=f"{run.cfg.adapter.name} on {run.cfg.data.name}")
@@ -42,9 +43,9 @@ def write_rank_table(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "rank_eval.json", rows)
     keys = [k for k in rows[0] if k != "rank"]
-    lines = ["| rank | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
-    lines += [f"| {r['rank']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |" for r in rows]
-    atomic_write_text(out / "rank_eval.md", "\n".join(lines) + "\n")
+    table = markdown_table(["rank", *keys], [[r["rank"], *(f"{r[k]:.4f}" for k in keys)] for r in rows],
+                           numeric=[True] * (len(keys) + 1))
+    atomic_write_text(out / "rank_eval.md", table)
     metric = "eval/accuracy" if "eval/accuracy" in keys else "eval/loss"
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()

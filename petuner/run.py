@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +18,26 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from petuner import __version__
-from petuner.adapters import adapter_state_dict, build_adapter, inject
+from petuner.adapters import Injection, adapter_state_dict, inject
+from petuner.adapters.base import OwnsOptimizerParameters, PreparesFromData, QuantizedBase
 from petuner.config import validate
 from petuner.data import build_data
-from petuner.data.schema import check_data_combination
+from petuner.data.schema import check_max_length
 from petuner.errors import PetunerError
-from petuner.io import atomic_file, atomic_write_json, atomic_write_text
+from petuner.io import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    RUN_FILE,
+    atomic_file,
+    atomic_write_json,
+    atomic_write_text,
+    save_tensors,
+)
 from petuner.manifest import write_manifest
 from petuner.models import context_length, head_modules, load_model, load_tokenizer, model_config, model_source
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
-from petuner.run_folder import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, read_config
-from petuner.train.checkpoint import latest_checkpoint, load_checkpoint, save_tensors
+from petuner.run_folder import read_config
+from petuner.train.checkpoint import latest_checkpoint, load_checkpoint
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
 from petuner.train.guard import NonFiniteGuard
 from petuner.train.labelled_logits import keep_labelled_logits
@@ -81,25 +91,41 @@ def calibration_batches(data: Any, batches: int, size: int) -> list[dict[str, to
     return [data.collate([data.train[i] for i in range(start, min(start + size, n))]) for start in range(0, n, size)]
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train one run as ``cfg`` says; returns its results (also in RUN_DIR/run.json)."""
-    validate(cfg)
+@dataclass
+class Setup:
+    """A run ready to train: everything checked, built, and on its device."""
+
+    model: torch.nn.Module
+    method: Any
+    data: Any
+    injection: Injection
+    device: torch.device
+    compute_dtype: torch.dtype | None
+    run_dir: Path
+    checkpoint: Path | None
+
+
+def set_up(cfg: DictConfig) -> Setup:
+    """Check everything cheap first (config, run folder, targets on a weightless copy), then load and adapt."""
+    plan = validate(cfg)
     run_dir, checkpoint = prepare_run_dir(cfg)
     device = resolve_device(cfg.trainer.device)
     compute_dtype = resolve_precision(cfg.trainer.precision, device)
     check_optimizer_for_trainer(cfg.optimizer, cfg.trainer, compute_dtype)
-    method = build_adapter(cfg.adapter)
-    check_data_combination(cfg.data, cfg.model.task, context_length(model_config(cfg.model)))
+    method = plan.method
+    check_max_length(plan.data, context_length(model_config(cfg.model)))
 
     skeleton = load_model(cfg.model, meta=True)  # structure only: checks targets in milliseconds
     heads = head_modules(skeleton, cfg.model.task)
     method.select_targets(skeleton, exclude=heads)
 
     tokenizer = load_tokenizer(cfg.model)
-    data = build_data(cfg.data, tokenizer, cfg.model.task)
+    data = build_data(plan.data, tokenizer, cfg.model.task)
 
     model = load_model(cfg.model, data.num_labels)
-    method.prepare(model, calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size))
+    if isinstance(method, PreparesFromData):
+        batches = calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size)
+        method.prepare(model, batches, exclude=heads)
     seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
     injection = inject(model, method, heads)
     trainable, total = count_parameters(model)
@@ -112,35 +138,49 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         keep_labelled_logits(model)
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Setup(model=model, method=method, data=data, injection=injection, device=device,
+                 compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint)
 
-    optimizer = build_optimizer(model, cfg.optimizer, device, exclude=method.own_optimizer_parameters(model),
-                                heads=injection.head_modules)
+
+def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
+    """What training decided, for run.json."""
+    trainable, total = count_parameters(s.model)
     info: dict[str, Any] = {
-        "petuner_version": __version__, "run_dir": str(run_dir.resolve()), "base_model": model_source(cfg.model),
-        "task": cfg.model.task, "data_kind": data.kind, "label_names": data.label_names,
-        "targets": injection.targets, "head_modules": injection.head_modules,
+        "petuner_version": __version__, "run_dir": str(s.run_dir.resolve()), "base_model": model_source(cfg.model),
+        "task": cfg.model.task, "data_kind": s.data.kind, "label_names": s.data.label_names,
+        "targets": s.injection.targets, "head_modules": s.injection.head_modules,
         "trainable_parameters": trainable, "total_parameters": total,
-        "device": str(device), "compute_dtype": str(compute_dtype or torch.float32).removeprefix("torch."),
-        "train_examples": len(data.train), "eval_examples": len(data.eval),
+        "device": str(s.device), "compute_dtype": str(s.compute_dtype or torch.float32).removeprefix("torch."),
+        "train_examples": len(s.data.train), "eval_examples": len(s.data.eval),
     }
-    if report := method.report():
-        info["adapter_report"] = report
+    if isinstance(s.method, QuantizedBase):
+        info["adapter_report"] = s.method.report()
+    return info
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one run as ``cfg`` says; returns its results (also in RUN_DIR/run.json)."""
+    s = set_up(cfg)
+    model, run_dir, device, compute_dtype = s.model, s.run_dir, s.device, s.compute_dtype
+    own = s.method.own_optimizer_parameters(model) if isinstance(s.method, OwnsOptimizerParameters) else []
+    optimizer = build_optimizer(model, cfg.optimizer, device, exclude=own, heads=s.injection.head_modules)
+    info = run_info(cfg, s)
     atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_json(run_dir / RUN_FILE, info)
 
     metrics = MetricsLog(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
-                         resume_step=_checkpoint_step(checkpoint))
-    scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps(cfg.trainer, len(data.train)))
+                         resume_step=_checkpoint_step(s.checkpoint))
+    scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps(cfg.trainer, len(s.data.train)))
     memory = MemoryHook()  # last: it sees the gradients the optimizer will use
     scaler = grad_scaler(device, compute_dtype)
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite, check_grads=not scaler.is_enabled())  # first: may veto
-    loop = Loop(model=model, data=data, optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, hooks=[guard, *method.hooks(model), memory], cfg=cfg.trainer,
+    loop = Loop(model=model, data=s.data, optimizer=optimizer, scheduler=scheduler,
+                scaler=scaler, hooks=[guard, *s.method.hooks(model), memory], cfg=cfg.trainer,
                 device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics)
     start = 0
-    if checkpoint is not None:
-        start = load_checkpoint(checkpoint, model, optimizer, scheduler, loop.scaler, loop.hooks)
-        log.info("resumed from %s (step %d)", checkpoint, start)
+    if s.checkpoint is not None:
+        start = load_checkpoint(s.checkpoint, model, optimizer, scheduler, loop.scaler, loop.hooks)
+        log.info("resumed from %s (step %d)", s.checkpoint, start)
     reset_peak_memory(device)
     try:
         results = loop.train(start)
@@ -159,8 +199,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("export"):
         from petuner.export import export
 
-        out = export(run_dir, cfg.export, run_dir / f"export-{cfg.export}", force=True)
-        info["export"] = str(out)
+        info["export"] = str(export(run_dir, cfg.export, run_dir / f"export-{cfg.export}", force=True))
     return info
 
 

@@ -17,11 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from petuner.errors import PetunerError, first_line
+from petuner.io import ADAPTER_FILE, CONFIG_FILE, RUN_FILE
 from petuner.manifest import verify_manifest
-
-CONFIG_FILE = "config.yaml"
-RUN_FILE = "run.json"
-ADAPTER_FILE = "adapter.safetensors"
 
 
 @dataclass

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, open_dict
 
 from petuner.errors import PetunerError
 from petuner.io import atomic_file, atomic_write_json, atomic_write_text
+from petuner.report import markdown_table
 
 log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
@@ -131,13 +132,10 @@ def sweep_report(sweep_dir: Path | str, objective: str | None = None, out: Path 
 
     lines = [f"# Sweep {sweep_dir.name}: {len(rows)} jobs, objective {objective} "
              f"({DIRECTIONS.get(objective, 'minimize')})", "",
-             "Fixed: " + (", ".join(f"`{k}={v}`" for k, v in fixed.items()) or "nothing"), "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row, r in zip(flat, rows, strict=True):
-        cells = [cell(row[c]) for c in columns]
-        if r is best:
-            cells = [f"**{c}**" if c else c for c in cells]
-        lines.append("| " + " | ".join(cells) + " |")
+             "Fixed: " + (", ".join(f"`{k}={v}`" for k, v in fixed.items()) or "nothing"), ""]
+    cells = [[cell(row[c]) for c in columns] for row in flat]
+    cells = [[f"**{c}**" if c and r is best else c for c in line] for line, r in zip(cells, rows, strict=True)]
+    lines.append(markdown_table(columns, cells, numeric=[False] * len(columns)).rstrip("\n"))
     if best is not None:
         chosen = ", ".join(f"{k}={best['overrides'][k]}" for k in swept)
         lines += ["", f"Best: job {best['job']} ({chosen}), "

@@ -138,3 +138,47 @@ def test_delta_weight_is_the_layer_change(name: str) -> None:
         with torch.no_grad():
             dense.weight += layer.delta_weight()
             torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(ADAPTERS) if ADAPTERS[n][2]])
+def test_lora_view_is_the_layer_update(name: str) -> None:
+    """Where a layer's update is a LoRA, its one view of it (relative to the original base weight) is exact."""
+    model = adapted(name)
+    base = dict(tiny_llama().named_modules())
+    for layer_name, layer in adapter_layers(model):
+        view = layer.lora_view()
+        if view is None or view.extra or name in QUANTIZED_BASE:
+            continue  # no LoRA form; DoRA's magnitude and quantized bases are checked through the export below
+        with torch.no_grad():  # the original weight plus the view is the adapted layer's weight
+            torch.testing.assert_close(base[layer_name].weight + view.scaling * view.B @ view.A,
+                                       layer.base_layer.weight + layer.delta_weight(), atol=1e-5, rtol=0)
+
+
+LORA_SHAPED = [n for n in sorted(ADAPTERS)
+               if build_adapter(row_cfg(n)).peft_options() is not None and n not in QUANTIZED_BASE]
+
+
+@pytest.mark.parametrize("name", LORA_SHAPED)
+def test_peft_export_reloads_in_peft_with_the_same_logits(name: str, tmp_path) -> None:
+    """Every method whose update is a LoRA: its peft form, written as the export writes it and reloaded by
+    peft's own PeftModel.from_pretrained over the original base, gives the adapted model's logits."""
+    from peft import PeftModel
+
+    from petuner.adapters.peft_form import lora_config, lora_state_dict, lora_views
+
+    method = build_adapter(row_cfg(name))
+    model = tiny_llama()
+    inject(model, method)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for p in layer.adapter_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    factors = {n: v for n, v in lora_views(model).items() if v is not None and v.A.shape[0] > 0}
+    assert factors and len(factors) == len(ADAPTERS[name][2])
+    lora_config(factors, method.peft_options(), "causal_lm", [], None).save_pretrained(str(tmp_path))
+    save_file({k: v.detach().contiguous() for k, v in lora_state_dict(model, factors).items()},
+              tmp_path / "adapter_model.safetensors")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=1e-5, rtol=0)

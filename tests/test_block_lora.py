@@ -42,7 +42,7 @@ def test_equals_a_lora_with_the_block_repeated_in_outputs_and_gradients() -> Non
         # A_s is used n times: its gradient is the sum of the repeated blocks' gradients
         summed = plain.lora_A.weight.grad.unflatten(1, (4, -1)).sum(1)
         torch.testing.assert_close(block.lora_A.weight.grad, summed, atol=1e-6, rtol=1e-5)
-        factors = block.as_lora()
+        factors = block.lora_view()
         torch.testing.assert_close(factors.A, plain.lora_A.weight, atol=0, rtol=0)
         torch.testing.assert_close(block.delta_weight(), plain.delta_weight(), atol=1e-6, rtol=0)
 

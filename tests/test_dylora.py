@@ -18,6 +18,7 @@ from petuner.rank_eval import eval_ranks
 from petuner.run import run
 from petuner.run_folder import read_config
 from petuner.train.logging import read_metrics
+from tests.helpers import tiny_llama
 
 
 def dylora_layer(mode: str = "frozen") -> DyLoRALinear:
@@ -124,3 +125,21 @@ def test_eval_ranks_writes_table_and_plot(dylora_run, tmp_path) -> None:
     for row in rows:
         key = "eval/loss" if row["rank"] == 4 else f"eval/loss@r{row['rank']}"
         assert row["eval/loss"] == pytest.approx(final[key], abs=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_lora_view_at_every_active_rank_is_the_layer_update(rank: int) -> None:
+    """The view a DyLoRA layer gives of its update at active rank b is the rank-b LoRA it computes (the inherited
+    full-rank factors at scale alpha/b were wrong below full rank)."""
+    from petuner.adapters import adapter_layers, build_adapter, inject
+
+    model = tiny_llama()
+    method = build_adapter({"name": "dylora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]})
+    inject(model, method)
+    method.set_rank(model, rank)
+    for _, layer in adapter_layers(model):
+        with torch.no_grad():
+            layer.lora_B.weight.normal_()
+            view = layer.lora_view()
+            assert view.A.shape[0] == rank and view.scaling == 8 / rank
+            torch.testing.assert_close(view.scaling * view.B @ view.A, layer.delta_weight(), atol=1e-6, rtol=0)

@@ -94,7 +94,7 @@ def test_pissa_moves_the_top_singular_part_into_the_factors() -> None:
         layer.lora_B.weight.add_(0.1)
         with disabled_adapters(model):
             torch.testing.assert_close(model(input_ids=IDS).logits, base(input_ids=IDS).logits, atol=1e-5, rtol=0)
-    factors = layer.as_lora()  # relative to the original W: rank 2r
+    factors = layer.lora_view()  # relative to the original W: rank 2r
     assert factors.A.shape == (8, 64)
     torch.testing.assert_close(original + factors.scaling * factors.B @ factors.A,
                                layer.base_layer.weight + layer.delta_weight(), atol=1e-5, rtol=0)

@@ -3,9 +3,10 @@
 An adapter layer wraps one frozen ``nn.Linear`` (kept as ``base_layer``) and adds its own
 parameters; it knows nothing of the loop, the data or the CLI. An ``AdapterMethod`` is the
 registry entry: its ``schema`` (a dataclass, see ``petuner.schema``) types and checks its options;
-it chooses target layers, builds the layers, and may provide loop hooks and a peft description of
-itself. Attribute names follow peft's LoRA layout
-(``base_layer``, ``lora_A``, ``lora_B``) so that a LoRA-shaped state dict *is* a peft one.
+it chooses target layers, builds the layers, and may provide loop hooks; what only some methods do
+(a dynamic rank, a quantized base, ...) are small capability classes it opts into. Attribute names
+follow peft's LoRA layout (``base_layer``, ``lora_A``, ``lora_B``) so that a LoRA-shaped state dict
+*is* a peft one.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class AdapterSchema:
 
 @dataclass
 class LoRAFactors:
-    """An adapter's update written as a plain LoRA: ΔW = scaling · B @ A."""
+    """An adapter layer's update written as a LoRA: ΔW = scaling · B @ A (see ``AdapterLayer.lora_view``)."""
 
     A: torch.Tensor  # r × in
     B: torch.Tensor  # out × r
@@ -55,9 +56,6 @@ class Injection:
 
 class AdapterLayer(nn.Module, ABC):
     """A frozen ``nn.Linear`` plus an adapter's own parameters."""
-
-    # True where ``base_layer`` holds its weight quantized (the merged export is then dequantized).
-    quantized_base: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__()
@@ -84,13 +82,11 @@ class AdapterLayer(nn.Module, ABC):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
 
-    def as_lora(self) -> LoRAFactors | None:
-        """This adapter as a plain LoRA, where the math allows (for peft export); else None."""
+    def lora_view(self) -> LoRAFactors | None:
+        """This layer's update as LoRA factors, ΔW = scaling · B @ A relative to the original base weight, in
+        peft's LoRA format (a variant's extra tensors in ``extra``, e.g. DoRA's magnitude); None where the
+        update is no LoRA. The peft export writes exactly this."""
         return None
-
-    def peft_lora(self) -> LoRAFactors | None:
-        """This adapter in peft's LoRA format, a variant's extra tensors included (DoRA); else None."""
-        return self.as_lora()
 
     def adapter_buffers(self) -> dict[str, torch.Tensor]:
         """Buffers a run saves with the adapter (by name relative to the layer)."""
@@ -128,24 +124,19 @@ class AdapterLayer(nn.Module, ABC):
 
 
 class AdapterMethod(ABC):
-    """A registry entry: one PEFT method, configured from its ``conf/adapter/<name>.yaml``."""
+    """A registry entry: one PEFT method, configured from its ``conf/adapter/<name>.yaml``.
+
+    Every method has these few operations; what only some methods do is a capability class below that
+    a method also derives from (``RankDynamic``, ``OwnsOptimizerParameters``, ``PreparesFromData``,
+    ``QuantizedBase``, ``PeftNative``), looked up by callers with ``isinstance``.
+    """
 
     name: ClassVar[str]
     # The dataclass of this method's options (its YAML's schema); a key it lacks is refused.
     schema: ClassVar[type[AdapterSchema]] = AdapterSchema
-    # peft's task_type per petuner task, for the peft export.
-    peft_task_types: ClassVar[dict[str, str]] = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
 
     def __init__(self, cfg: DictConfig | dict[str, Any]) -> None:
         self.cfg = conform(self.schema, cfg, "adapter", f"adapter={self.name}")
-
-    def calibration_batches(self) -> int:
-        """How many training batches ``prepare`` needs (0: none)."""
-        return 0
-
-    def prepare(self, model: nn.Module, calibration: Sequence[dict[str, torch.Tensor]]) -> None:
-        """Look at the whole base model (and ``calibration_batches()`` batches) before injection."""
-        return None
 
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         """Names of the modules to wrap; raises if the spec matches none."""
@@ -154,23 +145,12 @@ class AdapterMethod(ABC):
     def make_layer(self, base_layer: nn.Linear) -> AdapterLayer:
         raise NotImplementedError(f"adapter={self.name} injects no layers")
 
-    def extra_trainable(self, model: nn.Module, targets: Sequence[str]) -> list[str]:
-        """Names of base-model parameters this method also trains (e.g. biases)."""
-        return []
-
-    def trains_base_model(self) -> bool:
-        """True for full fine-tuning: every base parameter trains."""
-        return False
-
     def apply(self, model: nn.Module, head_modules: Sequence[str] = ()) -> Injection:
         """Adapt ``model`` in place and set ``requires_grad`` on exactly what trains.
 
         The default wraps ``select_targets`` with ``make_layer``; a method whose layers come from
         elsewhere (the peft pass-through) overrides this. ``head_modules`` always train.
         """
-        if self.trains_base_model():
-            model.requires_grad_(True)
-            return Injection(targets=[], head_modules=list(head_modules))
         targets = self.select_targets(model, exclude=head_modules)
         model.requires_grad_(False)
         for name in targets:
@@ -178,9 +158,6 @@ class AdapterMethod(ABC):
         for _, layer in adapter_layers(model):
             for p in layer.adapter_parameters():
                 p.requires_grad_(True)
-        params = dict(model.named_parameters())
-        for name in self.extra_trainable(model, targets):
-            params[name].requires_grad_(True)
         for head in head_modules:
             model.get_submodule(head).requires_grad_(True)
         return Injection(targets=targets, head_modules=list(head_modules))
@@ -189,36 +166,69 @@ class AdapterMethod(ABC):
         """Per-step behaviour for the loop, given the injected model (called once, after seeding)."""
         return []
 
+    def peft_options(self) -> dict[str, Any] | None:
+        """``peft.LoraConfig`` options for the peft export of the layers' ``lora_view`` (e.g. DoRA's
+        ``use_dora``, LoRA's ``bias``); None: this method's update is no LoRA and has no peft form."""
+        return None
+
+
+# --- capabilities: what only some methods do ---
+
+class RankDynamic(ABC):
+    """A method whose trained adapter runs at any of several ranks (DyLoRA)."""
+
+    @abstractmethod
     def ranks(self) -> list[int]:
-        """The ranks a trained adapter can run at, for rank-dynamic methods (DyLoRA); empty otherwise."""
-        return []
+        """The ranks a trained adapter can run at."""
 
+    @abstractmethod
     def set_rank(self, model: nn.Module, rank: int) -> None:
-        """Run every adapter layer at ``rank`` (evaluation and export of rank-dynamic methods)."""
-        raise ConfigError(f"adapter={self.name} has a fixed rank; --rank needs a rank-dynamic adapter (dylora)")
+        """Run every adapter layer at ``rank`` (evaluation and export at that rank)."""
 
+
+class OwnsOptimizerParameters(ABC):
+    """A method that updates some of its trainable parameters itself, in a hook (SoRA's gates)."""
+
+    @abstractmethod
     def own_optimizer_parameters(self, model: nn.Module) -> list[str]:
-        """Names of trainable parameters this method updates itself (in a hook), not the main optimizer."""
-        return []
+        """Names of the parameters the main optimizer must leave alone."""
 
-    def peft_config(self, targets: Sequence[str], task: str, head_modules: Sequence[str],
-                    base_model_name_or_path: str | None) -> Any:
-        """A ``peft.PeftConfig`` describing this adapter as saved; None if it has no peft form."""
-        return None
 
-    def to_peft_model(self, model: nn.Module, config: Any, load_base: Callable[[], nn.Module]) -> Any:
-        """For methods living in peft's own layers: a ``peft.PeftModel`` over ``load_base()`` holding
-        ``model``'s trained adapter (the peft export saves it with peft's save_pretrained); None for
-        petuner's own layers, exported through ``AdapterLayer.peft_lora``."""
-        return None
+class PreparesFromData(ABC):
+    """A method that looks at the whole base model, and possibly training batches, before injection
+    (LQ-LoRA decomposes its targets' weights, optionally Fisher-weighted)."""
 
+    @abstractmethod
+    def calibration_batches(self) -> int:
+        """How many training batches ``prepare`` needs (0: none)."""
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, calibration: Sequence[dict[str, torch.Tensor]],
+                exclude: Sequence[str] = ()) -> None:
+        """Work on the base model before ``apply``; ``apply`` calls it with no batches where nobody did
+        (``petuner.load``: what needs data comes from the training run's cache)."""
+
+
+class QuantizedBase(ABC):
+    """A method whose targets' base weights are stored quantized (QLoRA, LQ-LoRA): the merged export holds
+    them dequantized, and a peft export needs the same quantized base to mean the same thing."""
+
+    @abstractmethod
     def export_note(self, fmt: str) -> str:
-        """What a user of an export in format ``fmt`` must know (e.g. the base was quantized); "" if nothing."""
-        return ""
+        """What a user of an export in format ``fmt`` must know about the quantized base."""
 
+    @abstractmethod
     def report(self) -> dict[str, Any]:
-        """What injection decided, for run.json (e.g. per-matrix quantization configs); {} if nothing."""
-        return {}
+        """What the quantization decided, for run.json (bits per parameter, per-matrix configs)."""
+
+
+class PeftNative(ABC):
+    """A method living in peft's own layers (``adapter=peft``): peft itself writes its export."""
+
+    @abstractmethod
+    def peft_model(self, model: nn.Module, task: str, head_modules: Sequence[str], base_model: str | None,
+                   load_base: Callable[[], nn.Module]) -> Any:
+        """A ``peft.PeftModel`` over ``load_base()`` holding ``model``'s trained adapter."""
 
 
 # --- target selection (peft's semantics: a list matches by name suffix, a string is a regex) ---

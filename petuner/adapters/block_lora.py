@@ -8,7 +8,7 @@ products collapse into one after an addition:
     ΔW x = s · B · A_s · (x_1 + … + x_n)
 
 which is exactly a plain LoRA whose A is the shared block repeated, A = [A_s A_s … A_s] (r × in).
-That is also how it merges and exports to peft (``as_lora``). Parameters per layer: out·r + r·in/n
+That is also how it merges and exports to peft (``lora_view``). Parameters per layer: out·r + r·in/n
 instead of LoRA's (out + in)·r. A_s starts Kaiming-uniform (as LoRA's A, on its own fan-in in/n),
 B at zero; s = alpha/r (or alpha/√r with rslora). n must divide every target's input size.
 """
@@ -49,7 +49,7 @@ class BlockLoRALinear(LoRALinear):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.full_A()) * self.scaling
 
-    def factors(self) -> LoRAFactors:
+    def lora_view(self) -> LoRAFactors:
         return LoRAFactors(A=self.full_A(), B=self.lora_B.weight, scaling=self.scaling)
 
 

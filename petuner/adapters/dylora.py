@@ -5,7 +5,7 @@ at scale alpha/b — the scale a rank-b LoRA with the same alpha has; a wrong sc
 low ranks. In ``frozen`` mode (the paper's default) components 0..b-2 are detached, so only component
 b-1 receives gradient that step; ``unfrozen`` trains all of [:b]. Outside training steps every layer
 runs at full rank r unless ``set_rank`` chose another; a rank-b truncation is a plain rank-b LoRA
-(``as_lora``), which is how it exports.
+(``lora_view``), which is how it exports.
 
 The draw uses a private generator seeded from the run's seeded RNG when hooks are built; its state is
 part of the hook's ``state_dict``, so a resumed run draws exactly the ranks the uninterrupted run would.
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from petuner.adapters.base import (
-    AdapterMethod,
     AdapterSchema,
     LoRAFactors,
+    RankDynamic,
     adapter_layers,
 )
 from petuner.adapters.lora import LoRACoreSchema, LoRALinear, LoRAShaped
@@ -71,7 +71,8 @@ class DyLoRALinear(LoRALinear):
         a, b = self.active_factors()
         return (b @ a) * self.scaling
 
-    def as_lora(self) -> LoRAFactors:
+    def lora_view(self) -> LoRAFactors:
+        """The rank-b truncation at the active rank b: a plain rank-b LoRA at scale alpha/b."""
         b = self.active_rank
         return LoRAFactors(A=self.lora_A.weight[:b], B=self.lora_B.weight[:, :b], scaling=self.scaling)
 
@@ -113,7 +114,7 @@ class RankDraw(Hook):
 class RankSweepOnEval(Hook):
     """Optionally evaluates every rank 1..r at each evaluation (``adapter.eval_all_ranks``)."""
 
-    def __init__(self, method: AdapterMethod, model: nn.Module) -> None:
+    def __init__(self, method: RankDynamic, model: nn.Module) -> None:
         self.method, self.model = method, model
 
     def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
@@ -121,7 +122,7 @@ class RankSweepOnEval(Hook):
         for rank in self.method.ranks()[:-1]:  # full rank r is the evaluation just made
             self.method.set_rank(self.model, rank)
             metrics.update({f"{k}@r{rank}": v for k, v in state.evaluate().items()})
-        self.method.set_rank(self.model, self.method.cfg.r)
+        self.method.set_rank(self.model, self.method.ranks()[-1])
 
 
 @dataclass
@@ -133,7 +134,7 @@ class DyLoRASchema(LoRACoreSchema):
 
 
 @register_adapter
-class DyLoRA(LoRAShaped):
+class DyLoRA(LoRAShaped, RankDynamic):
     name = "dylora"
     schema: ClassVar[type[AdapterSchema]] = DyLoRASchema
 

@@ -56,7 +56,7 @@ class FrozenFactorsLinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.factor_B * self.change()) @ self.factor_A
 
-    def as_lora(self) -> LoRAFactors:
+    def lora_view(self) -> LoRAFactors:
         return LoRAFactors(A=self.factor_A, B=self.factor_B * self.change(), scaling=1.0)
 
 
@@ -68,11 +68,5 @@ class FrozenFactorsMethod(AdapterMethod):
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         return lora_targets(model, self.cfg, exclude)
 
-    def peft_config(self, targets: Sequence[str], task: str, head_modules: Sequence[str],
-                    base_model_name_or_path: str | None) -> Any:
-        from peft import LoraConfig
-
-        # scaling 1: lora_alpha = r (the export also sets both from the factors it writes)
-        return LoraConfig(r=self.cfg.r, lora_alpha=self.cfg.r, target_modules=list(targets),
-                          modules_to_save=list(head_modules) or None, task_type=self.peft_task_types[task],
-                          base_model_name_or_path=base_model_name_or_path)
+    def peft_options(self) -> dict[str, Any]:
+        return {}  # a plain LoRA at scaling 1 (the export fits r and lora_alpha to the factors)

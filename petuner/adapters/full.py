@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from petuner.adapters.base import AdapterMethod, AdapterSchema
+from torch import nn
+
+from petuner.adapters.base import AdapterMethod, AdapterSchema, Injection
 from petuner.adapters.registry import register_adapter
 
 
@@ -19,5 +22,6 @@ class FullFineTuning(AdapterMethod):
     name = "none"
     schema: ClassVar[type[AdapterSchema]] = FullSchema
 
-    def trains_base_model(self) -> bool:
-        return True
+    def apply(self, model: nn.Module, head_modules: Sequence[str] = ()) -> Injection:
+        model.requires_grad_(True)
+        return Injection(targets=[], head_modules=list(head_modules))

@@ -35,6 +35,7 @@ from petuner.adapters.base import (
     AdapterLayer,
     AdapterMethod,
     AdapterSchema,
+    Injection,
     LoRAFactors,
     check_rank_fits,
     match_targets,
@@ -141,15 +142,12 @@ class LoRALinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
-    def factors(self) -> LoRAFactors:
+    def lora_view(self) -> LoRAFactors:
         """The update relative to the original base weight (PiSSA: rank 2r, its initial part subtracted)."""
         a, b = self.lora_A.weight, self.lora_B.weight
         if self.pissa:
             a, b = torch.cat([a, self.pissa_A0]), torch.cat([b, -self.pissa_B0], dim=1)
         return LoRAFactors(A=a, B=b, scaling=self.scaling)
-
-    def as_lora(self) -> LoRAFactors | None:
-        return self.factors()
 
 
 class Magnitude(nn.Module):
@@ -201,13 +199,10 @@ class DoRALinear(LoRALinear):
             self._merged_delta = None
             self.merged = False
 
-    def as_lora(self) -> LoRAFactors | None:
-        return None  # not a LoRA: the magnitude rescales W itself
-
-    def peft_lora(self) -> LoRAFactors:
+    def lora_view(self) -> LoRAFactors:
         """peft's DoRA over the original W: the factors (PiSSA's rank-2r form gives the same W + s·ΔBA)
-        plus the magnitude."""
-        factors = self.factors()
+        plus the magnitude, which rescales W itself (``peft_options`` says ``use_dora``)."""
+        factors = super().lora_view()
         factors.extra = {"lora_magnitude_vector.weight": self.lora_magnitude_vector.weight}
         return factors
 
@@ -219,16 +214,6 @@ def lora_targets(model: nn.Module, cfg: Any, exclude: Sequence[str] = ()) -> lis
     return targets
 
 
-def lora_peft_config(cfg: Any, targets: Sequence[str], task_type: str, head_modules: Sequence[str],
-                     base_model_name_or_path: str | None, **extra: Any) -> Any:
-    """peft's ``LoraConfig`` for a LoRA-shaped adapter (the export may then set per-layer ranks)."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets),
-                      modules_to_save=list(head_modules) or None, task_type=task_type,
-                      base_model_name_or_path=base_model_name_or_path, **extra)
-
-
 class LoRAShaped(AdapterMethod):
     """A base for methods whose layers are LoRA-shaped (LoRA itself, DyLoRA, SoRA): targets resolved and checked
     against r, and the peft form is a plain LoRA."""
@@ -238,10 +223,8 @@ class LoRAShaped(AdapterMethod):
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         return lora_targets(model, self.cfg, exclude)
 
-    def peft_config(self, targets: Sequence[str], task: str, head_modules: Sequence[str],
-                    base_model_name_or_path: str | None) -> Any:
-        """A plain LoRA; the export fits r and alpha (per layer if need be) to the layers' factors."""
-        return lora_peft_config(self.cfg, targets, self.peft_task_types[task], head_modules, base_model_name_or_path)
+    def peft_options(self) -> dict[str, Any]:
+        return {"lora_dropout": self.cfg.dropout}
 
 
 class LoRABase(LoRAShaped):
@@ -253,22 +236,18 @@ class LoRABase(LoRAShaped):
         c = self.cfg
         return LoRALinear(base_layer, r=c.r, alpha=c.alpha, dropout=c.dropout, scaling=c.scaling)
 
-    def extra_trainable(self, model: nn.Module, targets: Sequence[str]) -> list[str]:
-        names = [n for n, _ in model.named_parameters() if n.endswith(".bias") or n == "bias"]
-        if self.cfg.bias == "all":
-            return names
-        if self.cfg.bias == "lora_only":
-            return [n for n in names if n.rsplit(".", 2)[0] in targets]
-        return []
+    def apply(self, model: nn.Module, head_modules: Sequence[str] = ()) -> Injection:
+        """LoRA's injection, then the biases ``bias`` names train too (all, or those of the targets)."""
+        injection = super().apply(model, head_modules)
+        if self.cfg.bias != "none":
+            for name, p in model.named_parameters():
+                is_bias = name.endswith(".bias") or name == "bias"
+                if is_bias and (self.cfg.bias == "all" or name.rsplit(".", 2)[0] in injection.targets):
+                    p.requires_grad_(True)
+        return injection
 
     def peft_options(self) -> dict[str, Any]:
-        """``LoraConfig`` arguments beyond r, alpha, dropout and targets."""
-        return {"use_rslora": self.cfg.scaling == "rslora", "bias": self.cfg.bias}
-
-    def peft_config(self, targets: Sequence[str], task: str, head_modules: Sequence[str],
-                    base_model_name_or_path: str | None) -> Any:
-        return lora_peft_config(self.cfg, targets, self.peft_task_types[task], head_modules, base_model_name_or_path,
-                                **self.peft_options())
+        return {**super().peft_options(), "use_rslora": self.cfg.scaling == "rslora", "bias": self.cfg.bias}
 
 
 @register_adapter

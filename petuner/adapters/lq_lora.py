@@ -35,13 +35,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from petuner.adapters.base import AdapterSchema, match_targets
+from petuner.adapters.base import AdapterSchema, Injection, PreparesFromData, QuantizedBase, match_targets
 from petuner.adapters.lora import LoRABase, LoRABaseSchema
-from petuner.adapters.qlora import QuantizedBaseLoRA
+from petuner.adapters.quantized_base import QuantizedBaseLoRA
 from petuner.adapters.registry import register_adapter
 from petuner.assets import cache_dir
 from petuner.errors import ConfigError, PetunerError
-from petuner.io import atomic_file
+from petuner.io import atomic_file, save_tensors
 from petuner.quant import (
     BITS,
     BLOCK_SIZES,
@@ -56,7 +56,6 @@ from petuner.quant import (
 from petuner.quant import fisher_weights as fisher_row_col
 from petuner.quant.lq import SVD_OVERSAMPLE, SVD_POWER_ITERATIONS
 from petuner.schema import choice, flag, number
-from petuner.train.checkpoint import save_tensors
 
 log = logging.getLogger(__name__)
 LOW_RANK_BITS = 16  # the paper counts L1, L2 at 16 bits
@@ -132,7 +131,7 @@ class LQLoRASchema(LoRABaseSchema):
 
 
 @register_adapter
-class LQLoRA(LoRABase):
+class LQLoRA(LoRABase, QuantizedBase, PreparesFromData):
     name = "lq_lora"
     schema: ClassVar[type[AdapterSchema]] = LQLoRASchema
 
@@ -152,12 +151,24 @@ class LQLoRA(LoRABase):
     def calibration_batches(self) -> int:
         return int(self.cfg.calibration_batches) if self.cfg.fisher else 0
 
-    def prepare(self, model: nn.Module, calibration: Sequence[dict[str, torch.Tensor]]) -> None:
-        """With ``fisher``: the diagonal Fisher (mean squared gradient) of every candidate target weight."""
-        if not self.cfg.fisher:
-            return
-        if not calibration:
-            raise PetunerError("adapter.fisher=true needs calibration batches from the training data")
+    def prepare(self, model: nn.Module, calibration: Sequence[dict[str, torch.Tensor]],
+                exclude: Sequence[str] = ()) -> None:
+        """Decompose every target (Fisher-weighted with ``fisher``: from ``calibration``, or without batches
+        the training run's cached Fisher) and allocate bits; ``make_layer`` then uses the plan."""
+        if self.cfg.fisher and calibration:
+            self._fisher = self._fisher_from(model, calibration)
+        self._decompose(model, self.select_targets(model, exclude))
+
+    def apply(self, model: nn.Module, head_modules: Sequence[str] = ()) -> Injection:
+        """LoRA's injection over the decomposed targets (prepared here when a caller did not: ``petuner.load``)."""
+        targets = self.select_targets(model, head_modules)
+        if [n for n in self._plan] != targets or any(m is not model.get_submodule(n)
+                                                     for n, (m, _, _) in self._plan.items()):
+            self.prepare(model, (), head_modules)
+        return super().apply(model, head_modules)
+
+    def _fisher_from(self, model: nn.Module, calibration: Sequence[dict[str, torch.Tensor]]) -> FisherWeights:
+        """The diagonal Fisher (mean squared gradient) of every candidate target weight, cached for loading."""
         names = match_targets(model, self.cfg.target_modules)
         weights = [model.get_submodule(n).weight for n in names]
         flags, was_training = [w.requires_grad for w in weights], model.training
@@ -175,11 +186,12 @@ class LQLoRA(LoRABase):
             for w, flag in zip(weights, flags, strict=True):
                 w.requires_grad_(flag)
             model.train(was_training)
-        self._fisher = {n: fisher_row_col(s / len(calibration)) for n, s in zip(names, sums, strict=True)}
+        fisher = {n: fisher_row_col(s / len(calibration)) for n, s in zip(names, sums, strict=True)}
         with atomic_file(_fisher_path(model, names)) as tmp:
-            save_tensors({f"{n}.{part}": t for n, (row, col) in self._fisher.items()
+            save_tensors({f"{n}.{part}": t for n, (row, col) in fisher.items()
                           for part, t in (("row", row), ("col", col))}, tmp)
         log.info("lq_lora: diagonal Fisher from %d calibration batches", len(calibration))
+        return fisher
 
     def _fisher_for(self, model: nn.Module) -> FisherWeights | None:
         if not self.cfg.fisher:
@@ -193,14 +205,6 @@ class LQLoRA(LoRABase):
             t = load_file(str(path))
             self._fisher = {n: (t[f"{n}.row"], t[f"{n}.col"]) for n in names}
         return self._fisher
-
-    def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
-        """LoRA's targets; on a real (not meta) model also their decompositions and bit allocation."""
-        targets = super().select_targets(model, exclude)
-        planned = [(n, m) for n, (m, _, _) in self._plan.items()]
-        if planned != [(n, model.get_submodule(n)) for n in targets] and not any(p.is_meta for p in model.parameters()):
-            self._decompose(model, targets)
-        return targets
 
     def _decompose(self, model: nn.Module, targets: list[str]) -> None:
         c = self.cfg

@@ -32,10 +32,12 @@ from petuner.adapters.base import (
     AdapterMethod,
     AdapterSchema,
     Injection,
+    PeftNative,
     adapter_layers,
     match_targets,
     set_submodule,
 )
+from petuner.adapters.peft_form import PEFT_TASK_TYPES
 from petuner.adapters.registry import register_adapter
 from petuner.errors import ConfigError, first_line
 from petuner.schema import checked, items
@@ -208,7 +210,7 @@ class PeftSchema(AdapterSchema):
 
 
 @register_adapter
-class PeftTuner(AdapterMethod):
+class PeftTuner(AdapterMethod, PeftNative):
     """``adapter=peft``: ``peft_type`` (a peft.PeftType name) and ``config`` (its config class's kwargs)."""
 
     name = "peft"
@@ -292,15 +294,13 @@ class PeftTuner(AdapterMethod):
             raise RuntimeError("PeftTuner.hooks() needs the injected model: call inject first")
         return [AdaLoRAHook(self.tuner_model, total_step_from_run=self.cfg.config.get("total_step") is None)]
 
-    def peft_config(self, targets: Sequence[str], task: str, head_modules: Sequence[str],
-                    base_model_name_or_path: str | None) -> Any:
-        return self.build_config(target_modules=list(targets), modules_to_save=list(head_modules) or None,
-                                 task_type=self.peft_task_types[task],
-                                 base_model_name_or_path=base_model_name_or_path)
-
-    def to_peft_model(self, model: nn.Module, config: Any, load_base: Callable[[], nn.Module]) -> Any:
+    def peft_model(self, model: nn.Module, task: str, head_modules: Sequence[str], base_model: str | None,
+                   load_base: Callable[[], nn.Module]) -> Any:
         from peft import get_peft_model
 
+        targets = [name for name, _ in adapter_layers(model)]
+        config = self.build_config(target_modules=targets, modules_to_save=list(head_modules) or None,
+                                   task_type=PEFT_TASK_TYPES[task], base_model_name_or_path=base_model)
         peft_model = get_peft_model(load_base(), config)
         inner = peft_model.base_model.model
         for name, layer in adapter_layers(model):

@@ -3,77 +3,26 @@
 Only the target modules are quantized (``target_modules: all-linear`` is the paper's setting). Each
 target's weight is quantized by bitsandbytes (``Linear4bit``, NF4, blocks of 64, double
 quantization of the absmaxes: 4.127 bits per weight; works on CPU and CUDA); the LoRA factors, their
-init and scaling are ``LoRALinear``'s. A quantized weight cannot absorb an update exactly, so merging
-keeps a dequantized dense copy for the duration, and ``to_linear`` (the merged export) returns a
-full-precision ``nn.Linear`` holding the dequantized base plus the update.
+init and scaling are ``LoRALinear``'s; merging and the merged export work on the dequantized base
+(``QuantizedBaseLoRA``).
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from petuner.adapters.base import AdapterSchema
-from petuner.adapters.lora import LoRABase, LoRABaseSchema, LoRALinear
+from petuner.adapters.base import AdapterSchema, QuantizedBase
+from petuner.adapters.lora import LoRABase, LoRABaseSchema
+from petuner.adapters.quantized_base import QuantizedBaseLoRA
 from petuner.adapters.registry import register_adapter
 from petuner.quant import bits_per_param
 from petuner.quiet import release_4bit_kernel_warning
 
 NF4_BITS_PER_PARAM = bits_per_param(4, 64)  # bitsandbytes' NF4 at blocksize 64 with double quantization
-
-
-class QuantizedBaseLoRA(LoRALinear):
-    """A LoRA over a base layer that holds its weight quantized: merge works on a dequantized copy."""
-
-    quantized_base: ClassVar[bool] = True
-
-    def __init__(self, base_layer: nn.Linear, quantized: nn.Module, r: int, alpha: float, dropout: float,
-                 scaling: str) -> None:
-        super().__init__(base_layer, r=r, alpha=alpha, dropout=dropout, scaling=scaling)
-        self.base_layer = quantized  # the full-precision weight is dropped here
-        self._merged_weight: torch.Tensor | None = None
-
-    @abstractmethod
-    def base_weight(self) -> torch.Tensor:
-        """The dequantized base weight (out × in)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged and self._merged_weight is not None:
-            bias = self.base_layer.bias
-            return F.linear(x, self._merged_weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        return super().forward(x)
-
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        return self.base_weight().to(self.lora_A.weight.dtype) + self.delta_weight()
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self._merged_weight = self.merged_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self._merged_weight = None
-        self.merged = False
-
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A full-precision Linear: dequantized base + adapter."""
-        weight = self.merged_weight()
-        bias = self.base_layer.bias
-        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
-                           dtype=weight.dtype)
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-        return linear
 
 
 def nf4_linear(linear: nn.Linear) -> nn.Module:
@@ -112,7 +61,7 @@ class QLoRASchema(LoRABaseSchema):
 
 
 @register_adapter
-class QLoRA(LoRABase):
+class QLoRA(LoRABase, QuantizedBase):
     """``adapter=qlora``: LoRA's options; the targets' weights are stored NF4 (bitsandbytes)."""
 
     name = "qlora"

@@ -11,7 +11,7 @@ useful values are larger than the reference script's (e.g. ξ ≈ 0.1–1 with g
 ξ can rise over training (``xi_schedule``), tracing a curve of retained rank against quality that
 the hook writes to ``RUN_DIR/sora_curve.{json,md}`` at each evaluation.
 
-A gate entry that is exactly zero removes its rank: ``as_lora`` drops those ranks and folds g into B,
+A gate entry that is exactly zero removes its rank: ``lora_view`` drops those ranks and folds g into B,
 so the export is a plain LoRA whose rank differs per layer (peft's ``rank_pattern``) with the same
 outputs as the gated model.
 """
@@ -28,11 +28,13 @@ from torch import nn
 from petuner.adapters.base import (
     AdapterSchema,
     LoRAFactors,
+    OwnsOptimizerParameters,
     adapter_layers,
 )
 from petuner.adapters.lora import LoRACoreSchema, LoRALinear, LoRAShaped
 from petuner.adapters.registry import register_adapter
 from petuner.io import atomic_write_json, atomic_write_text
+from petuner.report import markdown_table
 from petuner.schema import choice, number
 from petuner.train.hooks import Hook, TrainState
 
@@ -64,7 +66,7 @@ class SoRALinear(LoRALinear):
     def nonzero_ranks(self) -> int:
         return int(torch.count_nonzero(self.gate))
 
-    def as_lora(self) -> LoRAFactors:
+    def lora_view(self) -> LoRAFactors:
         keep = self.gate != 0
         return LoRAFactors(A=self.lora_A.weight[keep], B=self.lora_B.weight[:, keep] * self.gate[keep],
                            scaling=self.scaling)
@@ -121,12 +123,10 @@ class ProximalGateStep(Hook):
         assert state.run_dir is not None
         atomic_write_json(state.run_dir / "sora_curve.json", self.curve)
         keys = [k for k in self.curve[-1] if k.startswith("eval/")]
-        rows = ["| step | ξ | non-zero ranks | retained params | " + " | ".join(keys) + " |",
-                "|---:|---:|---:|---:|" + "---:|" * len(keys)]
-        rows += [f"| {p['step']} | {p['xi']:.3g} | {p['sora/nonzero_ranks']} / {p['total_ranks']} | "
-                 f"{p['sora/retained_parameters']:,} | " + " | ".join(f"{p[k]:.4f}" for k in keys) + " |"
-                 for p in self.curve]
-        atomic_write_text(state.run_dir / "sora_curve.md", "\n".join(rows) + "\n")
+        rows = [[p["step"], f"{p['xi']:.3g}", f"{p['sora/nonzero_ranks']} / {p['total_ranks']}",
+                 f"{p['sora/retained_parameters']:,}", *(f"{p[k]:.4f}" for k in keys)] for p in self.curve]
+        headers = ["step", "ξ", "non-zero ranks", "retained params", *keys]
+        atomic_write_text(state.run_dir / "sora_curve.md", markdown_table(headers, rows, numeric=[True] * len(headers)))
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "curve": self.curve}
@@ -149,7 +149,7 @@ class SoRASchema(LoRACoreSchema):
 
 
 @register_adapter
-class SoRA(LoRAShaped):
+class SoRA(LoRAShaped, OwnsOptimizerParameters):
     name = "sora"
     schema: ClassVar[type[AdapterSchema]] = SoRASchema
 

@@ -33,12 +33,16 @@ class DataSchema:
     system_prompt: str | None = None  # sft only; null: the chat template's default
 
 
-def check_data_combination(cfg: Any, task: str | None = None, context: int | None = None) -> None:
-    """What one key alone cannot say: the kind against the model's task, max_length against its context."""
-    if cfg.path is None:
-        raise ConfigError(f"data.path is not set: data={cfg.name} needs data.path=/path/to/file")
+def check_max_length(cfg: Any, context: int | None) -> None:
+    """max_length against the model's context (known once the model's config is read)."""
     if context is not None and cfg.max_length > context:
         raise ConfigError(f"data.max_length={cfg.max_length} exceeds the model's context of {context} tokens")
+
+
+def check_data_combination(cfg: Any, task: str | None = None) -> None:
+    """What one key alone cannot say: a path where the format needs one, the kind against the model's task."""
+    if cfg.path is None:
+        raise ConfigError(f"data.path is not set: data={cfg.name} needs data.path=/path/to/file")
     if cfg.kind != "auto" and task is not None and TASK_OF_KIND[cfg.kind] != task:
         raise ConfigError(f"data.kind={cfg.kind} needs a {TASK_OF_KIND[cfg.kind]} model, but model.task={task}")
     if cfg.system_prompt is not None and cfg.kind in ("text", "classification"):

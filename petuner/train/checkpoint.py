@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from petuner.adapters import adapter_state_dict, load_adapter_state_dict
-from petuner.io import atomic_dir
+from petuner.io import ADAPTER_FILE, CHECKPOINTS, STATE_FILE, atomic_dir, save_tensors
 from petuner.train.hooks import Hook
 
-CHECKPOINTS = "checkpoints"
-ADAPTER_FILE = "adapter.safetensors"
-STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -39,10 +36,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

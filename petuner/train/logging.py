@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from petuner.errors import ConfigError
+from petuner.io import METRICS_FILE
 from petuner.schema import choice, items
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
