@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from petuner.adapters import LoRAFactors, unload
-from petuner.adapters.base import PeftNative, QuantizedBase, RankDynamic
+from petuner.adapters.capabilities import PeftNative, QuantizedBase, RankDynamic
 from petuner.adapters.peft_form import lora_config, lora_state_dict, lora_views
 from petuner.errors import PetunerError
 from petuner.io import atomic_dir, save_tensors

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from petuner.adapters.base import RankDynamic
+from petuner.adapters.capabilities import RankDynamic
 from petuner.data import build_data
 from petuner.errors import PetunerError
 from petuner.io import atomic_file, atomic_write_json, atomic_write_text

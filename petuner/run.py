@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from petuner import __version__
 from petuner.adapters import Injection, adapter_state_dict, inject
-from petuner.adapters.base import OwnsOptimizerParameters, PreparesFromData, QuantizedBase
+from petuner.adapters.capabilities import OwnsOptimizerParameters, PreparesFromData, QuantizedBase
 from petuner.config import validate
 from petuner.data import build_data
 from petuner.data.schema import check_max_length

@@ -18,7 +18,7 @@ from petuner.adapters import (
     unload,
     unmerge_adapters,
 )
-from petuner.adapters.base import match_targets
+from petuner.adapters.targets import match_targets
 from petuner.errors import ConfigError
 from tests.helpers import lora_cfg, tiny_llama
 

@@ -12,17 +12,15 @@ follow peft's LoRA layout (``base_layer``, ``lora_A``, ``lora_B``) so that a LoR
 from __future__ import annotations
 
 import contextlib
-import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 from torch import nn
 
-from petuner.errors import ConfigError
 from petuner.schema import conform
 from petuner.train.hooks import Hook
 
@@ -126,9 +124,9 @@ class AdapterLayer(nn.Module, ABC):
 class AdapterMethod(ABC):
     """A registry entry: one PEFT method, configured from its ``conf/adapter/<name>.yaml``.
 
-    Every method has these few operations; what only some methods do is a capability class below that
-    a method also derives from (``RankDynamic``, ``OwnsOptimizerParameters``, ``PreparesFromData``,
-    ``QuantizedBase``, ``PeftNative``), looked up by callers with ``isinstance``.
+    Every method has these few operations; what only some methods do is a capability class that
+    a method also derives from (``petuner.adapters.capabilities``: ``RankDynamic``, ``OwnsOptimizerParameters``,
+    ``PreparesFromData``, ``QuantizedBase``, ``PeftNative``), looked up by callers with ``isinstance``.
     """
 
     name: ClassVar[str]
@@ -170,117 +168,6 @@ class AdapterMethod(ABC):
         """``peft.LoraConfig`` options for the peft export of the layers' ``lora_view`` (e.g. DoRA's
         ``use_dora``, LoRA's ``bias``); None: this method's update is no LoRA and has no peft form."""
         return None
-
-
-# --- capabilities: what only some methods do ---
-
-class RankDynamic(ABC):
-    """A method whose trained adapter runs at any of several ranks (DyLoRA)."""
-
-    @abstractmethod
-    def ranks(self) -> list[int]:
-        """The ranks a trained adapter can run at."""
-
-    @abstractmethod
-    def set_rank(self, model: nn.Module, rank: int) -> None:
-        """Run every adapter layer at ``rank`` (evaluation and export at that rank)."""
-
-
-class OwnsOptimizerParameters(ABC):
-    """A method that updates some of its trainable parameters itself, in a hook (SoRA's gates)."""
-
-    @abstractmethod
-    def own_optimizer_parameters(self, model: nn.Module) -> list[str]:
-        """Names of the parameters the main optimizer must leave alone."""
-
-
-class PreparesFromData(ABC):
-    """A method that looks at the whole base model, and possibly training batches, before injection
-    (LQ-LoRA decomposes its targets' weights, optionally Fisher-weighted)."""
-
-    @abstractmethod
-    def calibration_batches(self) -> int:
-        """How many training batches ``prepare`` needs (0: none)."""
-
-    @abstractmethod
-    def prepare(self, model: nn.Module, calibration: Sequence[dict[str, torch.Tensor]],
-                exclude: Sequence[str] = ()) -> None:
-        """Work on the base model before ``apply``; ``apply`` calls it with no batches where nobody did
-        (``petuner.load``: what needs data comes from the training run's cache)."""
-
-
-class QuantizedBase(ABC):
-    """A method whose targets' base weights are stored quantized (QLoRA, LQ-LoRA): the merged export holds
-    them dequantized, and a peft export needs the same quantized base to mean the same thing."""
-
-    @abstractmethod
-    def export_note(self, fmt: str) -> str:
-        """What a user of an export in format ``fmt`` must know about the quantized base."""
-
-    @abstractmethod
-    def report(self) -> dict[str, Any]:
-        """What the quantization decided, for run.json (bits per parameter, per-matrix configs)."""
-
-
-class PeftNative(ABC):
-    """A method living in peft's own layers (``adapter=peft``): peft itself writes its export."""
-
-    @abstractmethod
-    def peft_model(self, model: nn.Module, task: str, head_modules: Sequence[str], base_model: str | None,
-                   load_base: Callable[[], nn.Module]) -> Any:
-        """A ``peft.PeftModel`` over ``load_base()`` holding ``model``'s trained adapter."""
-
-
-# --- target selection (peft's semantics: a list matches by name suffix, a string is a regex) ---
-
-def linear_names(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and not _under(name, exclude)]
-
-
-def _under(name: str, prefixes: Sequence[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def output_layer_names(model: nn.Module) -> list[str]:
-    """The output projection (e.g. lm_head), never adapted by "all-linear"."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    return [name for name, module in model.named_modules() if out is not None and module is out]
-
-
-def match_targets(model: nn.Module, spec: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
-    """Resolve ``target_modules`` to module names, as peft does; a spec matching nothing is an error."""
-    if isinstance(spec, ListConfig):
-        spec = list(spec)
-    candidates = linear_names(model, exclude)
-    if spec == "all-linear":
-        skip = output_layer_names(model)
-        found = [n for n in candidates if n not in skip]
-    elif isinstance(spec, str):
-        try:
-            pattern = re.compile(spec)
-        except re.error as err:
-            raise ConfigError(f"adapter.target_modules={spec!r} is not a valid regex ({err})") from None
-        found = [n for n in candidates if pattern.fullmatch(n)]
-    else:
-        keys = [str(k) for k in spec]
-        found = [n for n in candidates if any(n == k or n.endswith("." + k) for k in keys)]
-    if not found:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-        raise ConfigError(f"adapter.target_modules={spec!r} matches no nn.Linear in "
-                          f"{type(model).__name__}; its linear layers are named: {', '.join(leaves)} "
-                          "(or use \"all-linear\" or a regex)")
-    return found
-
-
-def check_rank_fits(model: nn.Module, targets: Sequence[str], r: int) -> None:
-    for name in targets:
-        layer = model.get_submodule(name)
-        limit = min(layer.in_features, layer.out_features)
-        if r > limit:
-            raise ConfigError(f"adapter.r={r} exceeds the size of {name} ({layer.out_features}×{layer.in_features}); "
-                              f"allowed: 1..{limit}")
 
 
 # --- working on a model's adapter layers ---

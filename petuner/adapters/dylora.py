@@ -23,9 +23,9 @@ from torch import nn
 from petuner.adapters.base import (
     AdapterSchema,
     LoRAFactors,
-    RankDynamic,
     adapter_layers,
 )
+from petuner.adapters.capabilities import RankDynamic
 from petuner.adapters.lora import LoRACoreSchema, LoRALinear, LoRAShaped
 from petuner.adapters.registry import register_adapter
 from petuner.errors import ConfigError

@@ -37,10 +37,9 @@ from petuner.adapters.base import (
     AdapterSchema,
     Injection,
     LoRAFactors,
-    check_rank_fits,
-    match_targets,
 )
 from petuner.adapters.registry import register_adapter
+from petuner.adapters.targets import check_rank_fits, match_targets
 from petuner.errors import ConfigError
 from petuner.schema import checked, choice, number
 

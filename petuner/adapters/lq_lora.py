@@ -35,10 +35,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from petuner.adapters.base import AdapterSchema, Injection, PreparesFromData, QuantizedBase, match_targets
+from petuner.adapters.base import AdapterSchema, Injection
+from petuner.adapters.capabilities import PreparesFromData, QuantizedBase
 from petuner.adapters.lora import LoRABase, LoRABaseSchema
 from petuner.adapters.quantized_base import QuantizedBaseLoRA
 from petuner.adapters.registry import register_adapter
+from petuner.adapters.targets import match_targets
 from petuner.assets import cache_dir
 from petuner.errors import ConfigError, PetunerError
 from petuner.io import atomic_file, save_tensors

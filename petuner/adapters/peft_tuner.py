@@ -32,13 +32,13 @@ from petuner.adapters.base import (
     AdapterMethod,
     AdapterSchema,
     Injection,
-    PeftNative,
     adapter_layers,
-    match_targets,
     set_submodule,
 )
+from petuner.adapters.capabilities import PeftNative
 from petuner.adapters.peft_form import PEFT_TASK_TYPES
 from petuner.adapters.registry import register_adapter
+from petuner.adapters.targets import match_targets
 from petuner.errors import ConfigError, first_line
 from petuner.schema import checked, items
 from petuner.train.hooks import Hook, TrainState

@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from petuner.adapters.base import AdapterSchema, QuantizedBase
+from petuner.adapters.base import AdapterSchema
+from petuner.adapters.capabilities import QuantizedBase
 from petuner.adapters.lora import LoRABase, LoRABaseSchema
 from petuner.adapters.quantized_base import QuantizedBaseLoRA
 from petuner.adapters.registry import register_adapter

@@ -14,7 +14,7 @@ from petuner.adapters.base import AdapterMethod
 from petuner.errors import ConfigError
 
 _REGISTRY: dict[str, type[AdapterMethod]] = {}
-_INFRASTRUCTURE = {"base", "registry", "inject"}
+_INFRASTRUCTURE = {"base", "registry", "inject", "capabilities", "targets", "peft_form"}
 
 
 def register_adapter(cls: type[AdapterMethod]) -> type[AdapterMethod]:

@@ -28,9 +28,9 @@ from torch import nn
 from petuner.adapters.base import (
     AdapterSchema,
     LoRAFactors,
-    OwnsOptimizerParameters,
     adapter_layers,
 )
+from petuner.adapters.capabilities import OwnsOptimizerParameters
 from petuner.adapters.lora import LoRACoreSchema, LoRALinear, LoRAShaped
 from petuner.adapters.registry import register_adapter
 from petuner.io import atomic_write_json, atomic_write_text

@@ -1,0 +1,68 @@
+"""What only some adapter methods do: small capability classes a method derives from besides
+``AdapterMethod``; callers ask with ``isinstance`` (``isinstance(method, RankDynamic)``)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class RankDynamic(ABC):
+    """A method whose trained adapter runs at any of several ranks (DyLoRA)."""
+
+    @abstractmethod
+    def ranks(self) -> list[int]:
+        """The ranks a trained adapter can run at."""
+
+    @abstractmethod
+    def set_rank(self, model: nn.Module, rank: int) -> None:
+        """Run every adapter layer at ``rank`` (evaluation and export at that rank)."""
+
+
+class OwnsOptimizerParameters(ABC):
+    """A method that updates some of its trainable parameters itself, in a hook (SoRA's gates)."""
+
+    @abstractmethod
+    def own_optimizer_parameters(self, model: nn.Module) -> list[str]:
+        """Names of the parameters the main optimizer must leave alone."""
+
+
+class PreparesFromData(ABC):
+    """A method that looks at the whole base model, and possibly training batches, before injection
+    (LQ-LoRA decomposes its targets' weights, optionally Fisher-weighted)."""
+
+    @abstractmethod
+    def calibration_batches(self) -> int:
+        """How many training batches ``prepare`` needs (0: none)."""
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, calibration: Sequence[dict[str, torch.Tensor]],
+                exclude: Sequence[str] = ()) -> None:
+        """Work on the base model before ``apply``; ``apply`` calls it with no batches where nobody did
+        (``petuner.load``: what needs data comes from the training run's cache)."""
+
+
+class QuantizedBase(ABC):
+    """A method whose targets' base weights are stored quantized (QLoRA, LQ-LoRA): the merged export holds
+    them dequantized, and a peft export needs the same quantized base to mean the same thing."""
+
+    @abstractmethod
+    def export_note(self, fmt: str) -> str:
+        """What a user of an export in format ``fmt`` must know about the quantized base."""
+
+    @abstractmethod
+    def report(self) -> dict[str, Any]:
+        """What the quantization decided, for run.json (bits per parameter, per-matrix configs)."""
+
+
+class PeftNative(ABC):
+    """A method living in peft's own layers (``adapter=peft``): peft itself writes its export."""
+
+    @abstractmethod
+    def peft_model(self, model: nn.Module, task: str, head_modules: Sequence[str], base_model: str | None,
+                   load_base: Callable[[], nn.Module]) -> Any:
+        """A ``peft.PeftModel`` over ``load_base()`` holding ``model``'s trained adapter."""

@@ -1,0 +1,62 @@
+"""Target selection with peft's semantics: a list matches module names by suffix, a string is a regex,
+"all-linear" is every linear layer but the output layer."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from omegaconf import ListConfig
+from torch import nn
+
+from petuner.errors import ConfigError
+
+
+def linear_names(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not _under(name, exclude)]
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def output_layer_names(model: nn.Module) -> list[str]:
+    """The output projection (e.g. lm_head), never adapted by "all-linear"."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    return [name for name, module in model.named_modules() if out is not None and module is out]
+
+
+def match_targets(model: nn.Module, spec: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """Resolve ``target_modules`` to module names, as peft does; a spec matching nothing is an error."""
+    if isinstance(spec, ListConfig):
+        spec = list(spec)
+    candidates = linear_names(model, exclude)
+    if spec == "all-linear":
+        skip = output_layer_names(model)
+        found = [n for n in candidates if n not in skip]
+    elif isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as err:
+            raise ConfigError(f"adapter.target_modules={spec!r} is not a valid regex ({err})") from None
+        found = [n for n in candidates if pattern.fullmatch(n)]
+    else:
+        keys = [str(k) for k in spec]
+        found = [n for n in candidates if any(n == k or n.endswith("." + k) for k in keys)]
+    if not found:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise ConfigError(f"adapter.target_modules={spec!r} matches no nn.Linear in "
+                          f"{type(model).__name__}; its linear layers are named: {', '.join(leaves)} "
+                          "(or use \"all-linear\" or a regex)")
+    return found
+
+
+def check_rank_fits(model: nn.Module, targets: Sequence[str], r: int) -> None:
+    for name in targets:
+        layer = model.get_submodule(name)
+        limit = min(layer.in_features, layer.out_features)
+        if r > limit:
+            raise ConfigError(f"adapter.r={r} exceeds the size of {name} ({layer.out_features}×{layer.in_features}); "
+                              f"allowed: 1..{limit}")
