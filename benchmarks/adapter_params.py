@@ -16,6 +16,7 @@ from pathlib import Path
 from petuner.adapters import build_adapter, inject, trainable_parameters
 from petuner.config import compose_config
 from petuner.models import load_model
+from petuner.report import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = [  # (label, overrides)
@@ -56,12 +57,11 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "adapter_params.json").write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "total": total,
                                                              "rows": rows}, indent=2) + "\n")
-    lines = ["| adapter (q_proj, v_proj of SmolLM2-135M) | trainable | vs LoRA r=8 | % of model |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {r['adapter']} | {r['trainable']:,} | {r['vs_lora_r8']:.4f} | {r['percent_of_model']:.4f} |"
-              for r in rows]
-    (RESULTS / "adapter_params.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = markdown_table(["adapter (q_proj, v_proj of SmolLM2-135M)", "trainable", "vs LoRA r=8", "% of model"],
+                           [[r["adapter"], f"{r['trainable']:,}", f"{r['vs_lora_r8']:.4f}",
+                             f"{r['percent_of_model']:.4f}"] for r in rows])
+    (RESULTS / "adapter_params.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from petuner.config import compose_config
 from petuner.rank_eval import eval_ranks
+from petuner.report import markdown_table
 from petuner.run import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,19 +88,20 @@ def main() -> None:
     (RESULTS / "dynamic_rank.json").write_text(json.dumps(result, indent=2) + "\n")
 
     lines = [f"Steps per run: {args.steps} (batch 16). Accuracy on the held-out 10% of BBC News.", "",
-             "| rank | LoRA (separate run) | DyLoRA (one run, r=8) |", "|---:|---:|---:|"]
-    lines += [f"| {b} | {lora[b]['accuracy']:.3f} | {result['dylora']['accuracy'][b]:.3f} |" for b in lora]
+             *markdown_table(["rank", "LoRA (separate run)", "DyLoRA (one run, r=8)"],
+                             [[b, f"{lora[b]['accuracy']:.3f}", f"{result['dylora']['accuracy'][b]:.3f}"]
+                              for b in lora], numeric=[True] * 3).splitlines()]
     ratio = result["time_ratio_lora_runs_over_dylora"]
     lines += ["", f"Wall time: {len(lora)} LoRA runs {lora_total:.0f} s; one DyLoRA run + evaluation at all "
               f"{args.r} ranks {dylora['seconds']:.0f} s: **{ratio:.1f}× cheaper**.",
-              "", "| r=8 | accuracy | non-zero ranks | adapter parameters kept |", "|---|---:|---:|---:|",
-              f"| LoRA | {lora_r['accuracy']:.3f} | {result['sora']['total_ranks']} | {full_adapter:,} (+ head) |",
-              f"| SoRA | {result['sora']['accuracy']:.3f} | {result['sora']['nonzero_ranks']} | "
-              f"{result['sora']['retained_adapter_parameters']:,} (+ head) |",
+              "", *markdown_table(["r=8", "accuracy", "non-zero ranks", "adapter parameters kept"], [
+                  ["LoRA", f"{lora_r['accuracy']:.3f}", result["sora"]["total_ranks"], f"{full_adapter:,} (+ head)"],
+                  ["SoRA", f"{result['sora']['accuracy']:.3f}", result["sora"]["nonzero_ranks"],
+                   f"{result['sora']['retained_adapter_parameters']:,} (+ head)"]]).splitlines(),
               "", f"SoRA's path (ξ rising linearly {args.xi[0]} → {args.xi[1]}, gate_lr 0.05):", "",
-              "| step | ξ | non-zero ranks | accuracy |", "|---:|---:|---:|---:|"]
-    lines += [f"| {p['step']} | {p['xi']:.3g} | {p['sora/nonzero_ranks']} / {p['total_ranks']} | "
-              f"{p['eval/accuracy']:.3f} |" for p in curve]
+              *markdown_table(["step", "ξ", "non-zero ranks", "accuracy"],
+                              [[p["step"], f"{p['xi']:.3g}", f"{p['sora/nonzero_ranks']} / {p['total_ranks']}",
+                                f"{p['eval/accuracy']:.3f}"] for p in curve], numeric=[True] * 4).splitlines()]
     (RESULTS / "dynamic_rank.md").write_text("\n".join(lines) + "\n")
     plot(result)
     shutil.rmtree(SCRATCH, ignore_errors=True)

@@ -201,11 +201,14 @@ def _fmt_bytes(n: float) -> str:
 
 
 def markdown(result: dict) -> str:
+    from petuner.report import markdown_table
+
     tasks = list(result["cells"])
-    head = "| method | group | " + " | ".join(
-        f"{result['tasks'][t]['title']}: {result['tasks'][t]['metric'].split('/')[1]} (before → after) | "
-        "trainable | optimizer state | step time vs LoRA | peak memory" for t in tasks) + " |"
-    lines = [head, "|" + "---|---|" + "---:|---:|---:|---:|---:|" * len(tasks)]
+    headers = ["method", "group"]
+    for t in tasks:
+        headers += [f"{result['tasks'][t]['title']}: {result['tasks'][t]['metric'].split('/')[1]} (before → after)",
+                    "trainable", "optimizer state", "step time vs LoRA", "peak memory"]
+    table = []
     for row in result["rows"]:
         if not any(row["name"] in result["cells"][t] for t in tasks):
             continue
@@ -223,7 +226,8 @@ def markdown(result: dict) -> str:
                 cols += [f"{cell['metric_before']:.3f} → **{cell['metric']:.3f}**{at}",
                          f"{cell['trainable_parameters']:,}", _fmt_bytes(cell["optimizer_state_bytes"]),
                          f"{ratio:.2f}×", f"{cell['peak_bytes'] / 2 ** 30:.2f} GiB"]
-        lines.append("| " + " | ".join(cols) + " |")
+        table.append(cols)
+    lines = markdown_table(headers, table, numeric=[False, False] + [True] * 5 * len(tasks)).splitlines()
     notes = []
     for t in tasks:
         info = result["tasks"][t]

@@ -26,6 +26,7 @@ from petuner.adapters import adapter_layers, build_adapter, inject
 from petuner.config import compose_config
 from petuner.io import atomic_write_json, atomic_write_text
 from petuner.models import load_model
+from petuner.report import markdown_table
 from petuner.run import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,18 +97,17 @@ def markdown(result: dict[str, Any]) -> str:
              f"LQ-LoRA: at most {result['iterations']} iterations per matrix, Fisher from {CALIBRATION_BATCHES} "
              "batches of 4. Bits: per quantized weight, scales included; the low-rank part (16-bit L1, L2) is "
              "listed apart. "
-             f"Measured on {result['device']}.", "",
-             "| variant | bits/param (quantized) | + low-rank | bytes held (of fp32) | ppl at init | "
-             "ppl after fine-tune | ratio to QLoRA (tuned) |",
-             "|---|---|---|---|---|---|---|"]
+             f"Measured on {result['device']}.", ""]
+    cells = []
     for r in rows:
         held = f"{r['bytes'] / 1e6:.1f} MB ({r['bytes'] / r['fp32_bytes']:.3f})" if "bytes" in r else "—"
         low = f"{r['low_rank_bits']:.3f}" if "low_rank_bits" in r else "—"
         tuned = r["ppl_tuned"] is not None
         ratio = f"{r['ppl_tuned'] / qlora['ppl_tuned']:.3f}" if qlora and tuned else "—"
         after = ppl(r["ppl_tuned"]) if tuned else "—"
-        lines.append(f"| {r['name']} | {r['quantized_bits']:.3f} | {low} | {held} | {ppl(r['ppl_init'])} | "
-                     f"{after} | {ratio} |")
+        cells.append([r["name"], f"{r['quantized_bits']:.3f}", low, held, ppl(r["ppl_init"]), after, ratio])
+    lines += markdown_table(["variant", "bits/param (quantized)", "+ low-rank", "bytes held (of fp32)", "ppl at init",
+                             "ppl after fine-tune", "ratio to QLoRA (tuned)"], cells, numeric=[False] * 7).splitlines()
     hist = [f"{r['name']}: " + ", ".join(f"{b}-bit ×{n}" for b, n in r["bits_histogram"].items() if n)
             for r in rows if "bits_histogram" in r]
     if hist:

@@ -7,7 +7,7 @@ Each row is one ``train.py`` process in a scratch folder (its run lands in ./ada
 wandb is disabled through the environment, not the command line). Writes
 ``benchmarks/results/task_defaults.{json,md}`` with the machine's load average.
 
-    .venv/bin/python benchmarks/task_defaults.py [--rows defaults global_lr head_lr]
+    .venv/bin/python benchmarks/task_defaults.py [--rows defaults global_lr]
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ COMMAND = ("model=minilm_l6", "data=bbc_news")
 ROWS = {
     "defaults": ((), "nothing else: optimizer.lr from conf/model_defaults/minilm_l6.yaml (5e-3)"),
     "global_lr": (("optimizer.lr=2e-4",), "the global default rate (conf/optimizer/adamw.yaml)"),
-    "head_lr": (("optimizer.head_lr=2e-2",), "the model defaults, the fresh head at 4x the rate"),
 }
 
 
