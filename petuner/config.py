@@ -92,6 +92,12 @@ class Plan:
     data: DictConfig  # the data group, checked against its schema and the model's task
 
 
+def choice_name(cfg: DictConfig, group: str) -> str:
+    """How messages name a group's choice: ``optimizer=adamw``, or ``the model schema`` for a group without names."""
+    name = cfg[group].get("name")
+    return f"{group}={name}" if name else f"the {group} schema"
+
+
 def validate(cfg: DictConfig) -> Plan:
     """Check every group of a composed run config; raises ConfigError naming the first bad value."""
     from petuner.adapters import build_adapter
@@ -102,7 +108,7 @@ def validate(cfg: DictConfig) -> Plan:
     for group in GROUPS:
         if group not in cfg or not isinstance(cfg[group], DictConfig):
             raise ConfigError(f"config group {group!r} is missing from the run config")
-    checked = {group: conform(group_schema(cfg, group), cfg[group], group, f"{group}={cfg[group].get('name')}")
+    checked = {group: conform(group_schema(cfg, group), cfg[group], group, choice_name(cfg, group))
                for group in GROUPS if group != "adapter"}
     check_model_combination(checked["model"])
     check_data_combination(checked["data"], checked["model"].task)

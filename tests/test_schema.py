@@ -51,7 +51,7 @@ WRONG = [
     (("trainer.max_stpes=5",), r"^trainer.max_stpes is not a config key; did you mean trainer.max_steps\? allowed: "),
     # ... or one added with + (the schema refuses it when the run is checked)
     (("+optimizer.momentum=0.9",), r"^optimizer.momentum is not an option of optimizer=adamw; allowed: lr, "),
-    (("+model.revision=main",), r"^model.revision is not an option of model=None; allowed: name_or_path, "),
+    (("+model.revision=main",), r"^model.revision is not an option of the model schema; allowed: name_or_path, "),
     # a value of the wrong type, in every group: the field's own message, or its type
     (("adapter.alpha=abc",), r"^adapter.alpha='abc': must be a number > 0$"),
     (("adapter=dylora", "adapter.rank_weights=[a,b]"), r"^adapter.rank_weights\[0\]='a': wrong type"),
