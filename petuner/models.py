@@ -83,7 +83,15 @@ def check_model_cfg(cfg: DictConfig) -> None:
         raise ConfigError(f"model.task={cfg.task!r}: allowed: {', '.join(TASKS)}")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.dtype!r}: allowed: {', '.join(DTYPES)}")
+    if adapter_dtype(cfg) not in DTYPES.values():
+        raise ConfigError(f"model.adapter_dtype={cfg.adapter_dtype!r}: allowed: {', '.join(DTYPES)}")
     check_flag(cfg, "trust_remote_code", "model")  # a string such as "no" must not read as true
+
+
+def adapter_dtype(cfg: DictConfig) -> torch.dtype | None:
+    """The dtype adapter parameters train in (``model.adapter_dtype``; fp32 unless set, also in runs
+    saved before the key existed): fp32 over a bf16/fp16 base keeps updates below bf16's resolution."""
+    return DTYPES.get(cfg.get("adapter_dtype", "float32"))
 
 
 def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = False) -> nn.Module:

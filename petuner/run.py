@@ -33,6 +33,7 @@ from petuner.train.labelled_logits import keep_labelled_logits
 from petuner.train.logging import MetricsLog
 from petuner.train.loop import Loop, total_steps
 from petuner.train.memory import MemoryHook
+from petuner.train.precision import adapter_dtype, check_precision, dtype_report, upcast_trainable
 
 log = logging.getLogger(__name__)
 # Sections whose change makes a checkpoint meaningless for the run (trainer.max_steps may grow).
@@ -88,6 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     compute_dtype = resolve_precision(cfg.trainer.precision, device)
     check_optimizer_for_trainer(cfg.optimizer, cfg.trainer, compute_dtype)
     method = build_adapter(cfg.adapter)
+    check_precision(cfg.model, method, compute_dtype)
     check_data_cfg(cfg.data, cfg.model.task, context_length(model_config(cfg.model)))
 
     skeleton = load_model(cfg.model, meta=True)  # structure only: checks targets in milliseconds
@@ -100,7 +102,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = load_model(cfg.model, data.num_labels)
     method.prepare(model, calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size))
     seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
-    injection = inject(model, method, heads)
+    injection = inject(model, method, heads, adapter_dtype=adapter_dtype(cfg.model))
+    if compute_dtype is not None and not method.trains_base_model():
+        upcast_trainable(model, adapter_dtype(cfg.model))  # heads, biases: autocast handles the mixed dtypes
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.3f%%); adapter=%s on %d modules", f"{trainable:,}",
              f"{total:,}", 100 * trainable / total, method.name, len(injection.targets))
@@ -118,7 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "task": cfg.model.task, "data_kind": data.kind, "label_names": data.label_names,
         "targets": injection.targets, "head_modules": injection.head_modules,
         "trainable_parameters": trainable, "total_parameters": total,
-        "device": str(device), "compute_dtype": str(compute_dtype or torch.float32).removeprefix("torch."),
+        "device": str(device), **dtype_report(model, compute_dtype),
         "train_examples": len(data.train), "eval_examples": len(data.eval),
     }
     if report := method.report():
@@ -131,7 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps(cfg.trainer, len(data.train)))
     memory = MemoryHook()  # last: it sees the gradients the optimizer will use
     scaler = grad_scaler(device, compute_dtype)
-    guard = NonFiniteGuard(cfg.trainer.on_nonfinite, check_grads=not scaler.is_enabled())  # first: may veto
+    guard = NonFiniteGuard(cfg.trainer.on_nonfinite, scaled=scaler.is_enabled())  # first: may veto
     loop = Loop(model=model, data=data, optimizer=optimizer, scheduler=scheduler,
                 scaler=scaler, hooks=[guard, *method.hooks(model), memory], cfg=cfg.trainer,
                 device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics)

@@ -91,7 +91,7 @@ class AdapterLayer(nn.Module, ABC):
         out = self.base_layer(x)
         if self.merged or self.disabled:
             return out
-        return out + self.adapter_forward(x)
+        return out + self.adapter_forward(x).to(out.dtype)  # fp32 adapters over a bf16 base: base's dtype
 
     @torch.no_grad()
     def merge(self) -> None:
