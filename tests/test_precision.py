@@ -191,9 +191,9 @@ def test_forced_overflow_skips_one_step_everywhere(adapter: str, optimizer: str,
 
 
 def test_scaler_overflow_step_changes_nothing(base_model, data, tmp_path) -> None:
-    """A step that always overflows (the scale stays at 1e12): after it nothing trainable moved, SoRA's
+    """A step that overflows (scale 1e12): after it nothing trainable moved, SoRA's
     gates included, and the run did not stop although trainer.on_nonfinite=stop."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=1e12, backoff_factor=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1e12, backoff_factor=0.5)
     model, loop, before = train(base_model, data, ADAPTERS["sora"][0], optimizer_cfg("adamw"),
                                 "fp16_autocast_scaler", tmp_path, trainer=trainer_cfg(max_steps=1), scaler=scaler)
     for name, p in trainable_parameters(model).items():
