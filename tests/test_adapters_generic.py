@@ -140,3 +140,51 @@ def test_delta_weight_is_the_layer_change(name: str) -> None:
         with torch.no_grad():
             dense.weight += layer.delta_weight()
             torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=0)
+
+
+def owns_contiguous_storage(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_adapter_tensors_own_contiguous_storage(name: str) -> None:
+    """A parameter that is a strided view into a decomposition is mis-updated by fused AdamW (which
+    treats it as contiguous) and keeps the whole matrix alive; so does a buffer view."""
+    model = tiny_llama()
+    inject(model, build_adapter(OmegaConf.create(ADAPTERS[name][0])))
+    tensors = {**trainable_parameters(model), **adapter_state_dict(model)}
+    assert tensors or name == "none"
+    bad = sorted(n for n, t in tensors.items() if not owns_contiguous_storage(t))
+    assert not bad
+
+
+@pytest.mark.parametrize("name", ["loldu", "svfit"])
+def test_fused_adamw_trains_every_diagonal_entry(name: str) -> None:
+    from petuner.optim import build_optimizer
+
+    model = tiny_llama()
+    inject(model, build_adapter(OmegaConf.create(ADAPTERS[name][0])))
+    trainable = trainable_parameters(model)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    cfg = OmegaConf.load("conf/optimizer/adamw.yaml")
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    assert optimizer.defaults["fused"]
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    for n, p in trainable.items():
+        assert (p != before[n]).all(), n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", [n for n in sorted(ADAPTERS) if ADAPTERS[n][1]])
+def test_adapters_are_fp32_over_a_low_precision_base(name: str, dtype: torch.dtype) -> None:
+    """peft's autocast_adapter_dtype for every method, peft's own tuners too; AdaLoRA's ranknum never trains."""
+    model = tiny_llama().to(dtype)
+    inject(model, build_adapter(OmegaConf.create(ADAPTERS[name][0])))
+    trainable = trainable_parameters(model)
+    assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
+    assert not [n for n in trainable if "ranknum" in n]
+    floats = [t for t in adapter_state_dict(model).values() if t.is_floating_point()]
+    assert {t.dtype for t in floats} == {torch.float32}
+    logits = model(input_ids=IDS).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()

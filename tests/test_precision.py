@@ -222,3 +222,40 @@ def test_sora_gate_gradients_are_unscaled(base_model, data, tmp_path) -> None:
         grads[setting] = seen
     for bf16, fp16 in zip(grads["bf16_autocast"], grads["fp16_autocast_scaler"], strict=True):
         torch.testing.assert_close(fp16, bf16, rtol=0.1, atol=1e-3)
+
+
+# --- whole runs: what run.json records, fp16 on CPU, the full fine-tuning warning ---------------
+
+RUN = ("trainer.max_steps=2", "trainer.save_every=null", "data.limit=16", "data.eval_size=8")
+
+
+def test_run_json_records_real_dtypes_over_bf16_weights(cfg_factory) -> None:
+    from petuner.run import run
+
+    info = run(cfg_factory("model.dtype=bfloat16", *RUN))
+    dtypes = info["parameter_dtypes"]
+    assert list(dtypes["trainable"]) == ["float32"] and dtypes["trainable"]["float32"] == info["trainable_parameters"]
+    assert list(dtypes["frozen"]) == ["bfloat16"]
+    assert info["compute_dtype"] == "bfloat16" and info["autocast_dtype"] is None
+    assert math.isfinite(info["results"]["eval/loss_after"])
+
+
+def test_fp16_autocast_with_scaler_runs_on_cpu_over_fp16_weights(cfg_factory) -> None:
+    """model.dtype=float16 with precision fp16 (precision=auto on CUDA cards without bf16): fp32 adapters
+    make the gradient scaler's unscale possible."""
+    from petuner.run import run
+
+    info = run(cfg_factory("model.dtype=float16", "trainer.precision=fp16", *RUN))
+    assert info["autocast_dtype"] == "float16" and info["compute_dtype"] == "float16"
+    assert list(info["parameter_dtypes"]["trainable"]) == ["float32"]
+    assert math.isfinite(info["results"]["eval/loss_after"])
+
+
+def test_full_finetuning_over_bf16_weights_warns(cfg_factory, caplog) -> None:
+    from petuner.adapters import build_adapter
+    from petuner.train.precision import check_precision
+
+    cfg = cfg_factory("adapter=none", "model.dtype=bfloat16")
+    with caplog.at_level("WARNING"):
+        check_precision(cfg.model, build_adapter(cfg.adapter), None)
+    assert "use model.dtype=float32 with trainer.precision=bf16" in caplog.text
