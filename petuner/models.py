@@ -106,7 +106,7 @@ def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = F
     # Random init and fresh heads draw from the RNG: fork it so a run's own seed stream is untouched
     # and the same model config always gives the same weights (petuner.load rebuilds bases this way).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg.init_seed))
+        torch.random.default_generator.manual_seed(int(cfg.init_seed))  # CPU only: CUDA's stays the run's
         if cfg.get("random_init"):
             model = auto.from_config(config, dtype=dtype)
         else:

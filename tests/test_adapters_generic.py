@@ -143,7 +143,8 @@ def test_delta_weight_is_the_layer_change(name: str) -> None:
 
 
 def owns_contiguous_storage(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    size = t.numel() * t.element_size()
+    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == size
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTERS))

@@ -259,3 +259,49 @@ def test_full_finetuning_over_bf16_weights_warns(cfg_factory, caplog) -> None:
     with caplog.at_level("WARNING"):
         check_precision(cfg.model, build_adapter(cfg.adapter), None)
     assert "use model.dtype=float32 with trainer.precision=bf16" in caplog.text
+
+
+# --- resume on a device ----------------------------------------------------------------------------
+
+def test_resumed_hook_state_lands_on_its_owners_device(base_model, data, tmp_path) -> None:
+    """Checkpoints load onto the CPU; AdaLoRA's importance scores must then follow their parameters
+    (here to the meta device, standing in for a GPU)."""
+    model, loop, _ = train(base_model, data, ADAPTERS["peft_adalora"][0], optimizer_cfg("adamw"), "bf16_autocast",
+                           tmp_path)
+    hook = next(h for h in loop.hooks if hasattr(h, "tuner_model"))
+    torch.save(hook.state_dict(), tmp_path / "hook.pt")
+    saved = torch.load(tmp_path / "hook.pt", map_location="cpu", weights_only=True)
+    assert saved["ipt"]
+    model.to("meta")
+    hook.load_state_dict(saved)
+    allocator = hook.tuner_model.rankallocator
+    for scores in (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc):
+        assert scores and all(t.is_meta for t in scores.values())
+
+
+def test_rng_restore_sets_only_the_devices_present(monkeypatch) -> None:
+    """A run saved on 2 GPUs resumed on 1: the one present gets its state, no error."""
+    from petuner.train import checkpoint
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: calls.append(index))
+    state = {"python": __import__("random").getstate(), "torch": torch.get_rng_state(),
+             "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    checkpoint.set_rng_state(state)
+    assert calls == [0]
+
+
+def test_lq_decomposition_does_not_reseed_cuda(monkeypatch) -> None:
+    """torch.manual_seed would also reseed every CUDA generator (lazily without a GPU): the run's dropout
+    on a GPU would then follow LQ-LoRA's seed, not trainer.seed."""
+    from petuner.quant.lq import low_rank
+
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    before = torch.get_rng_state()
+    l1, l2 = low_rank(torch.randn(32, 24, generator=torch.Generator().manual_seed(0)), 4, seed=7)
+    again = low_rank(torch.randn(32, 24, generator=torch.Generator().manual_seed(0)), 4, seed=7)
+    assert not reseeded and torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(l1, again[0]) and torch.equal(l2, again[1])

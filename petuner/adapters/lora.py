@@ -84,7 +84,7 @@ class LoRALinear(AdapterLayer):
         weight = self.base_layer.weight
         v, s, uh = torch.linalg.svd(weight.float(), full_matrices=False)
         root = torch.sqrt(s[:self.r] / self.scaling)
-        a, b = root[:, None] * uh[:self.r], v[:, :self.r] * root
+        a, b = (root[:, None] * uh[:self.r]).contiguous(), (v[:, :self.r] * root).contiguous()
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b)
         weight.copy_(weight.float() - self.scaling * b @ a)

@@ -196,9 +196,15 @@ class AdaLoRAHook(Hook):
                 "rank_pattern": self.config.rank_pattern, "total_step": self.config.total_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The scores go to the device of the parameter each belongs to (checkpoints load onto the CPU)."""
         allocator = self.tuner_model.rankallocator
+        params = dict(self.tuner_model.model.named_parameters())
+
+        def placed(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {n: t.to(params[n].device) if n in params else t for n, t in scores.items()}
+
         allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = (
-            state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"])
+            placed(state["ipt"]), placed(state["exp_avg_ipt"]), placed(state["exp_avg_unc"]))
         self.config.rank_pattern = state["rank_pattern"]
         self.config.total_step = state["total_step"]
 
