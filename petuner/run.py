@@ -89,6 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     compute_dtype = resolve_precision(cfg.trainer.precision, device)
     check_optimizer_for_trainer(cfg.optimizer, cfg.trainer, compute_dtype)
     method = build_adapter(cfg.adapter)
+    method.device = device  # decompositions and quantization run where the model will train
     check_precision(cfg.model, method, compute_dtype)
     check_data_cfg(cfg.data, cfg.model.task, context_length(model_config(cfg.model)))
 

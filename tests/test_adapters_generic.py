@@ -189,3 +189,23 @@ def test_adapters_are_fp32_over_a_low_precision_base(name: str, dtype: torch.dty
     assert {t.dtype for t in floats} == {torch.float32}
     logits = model(input_ids=IDS).logits
     assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_layers_are_built_on_the_training_device_one_matrix_at_a_time() -> None:
+    """Decompositions and quantization (PiSSA, SVFit, LoLDU, QLoRA) run in ``make_layer``: each target
+    reaches ``method.device`` (meta here, standing in for a GPU) just before its layer is built."""
+    model = tiny_llama()
+    method = build_adapter(OmegaConf.create(ADAPTERS["lora"][0]))
+    method.device = torch.device("meta")
+    seen: list[tuple[torch.device, int]] = []
+    build = method.make_layer
+
+    def spy(base):
+        on_device = sum(p.is_meta for n, p in model.named_parameters()
+                        if n.endswith(("proj.weight", "proj.base_layer.weight")))
+        seen.append((base.weight.device, on_device))
+        return build(base)
+
+    method.make_layer = spy
+    inject(model, method)
+    assert seen == [(torch.device("meta"), k) for k in range(1, len(QV) + 1)]

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
+from tqdm.auto import tqdm
 
 from petuner.errors import ConfigError
 from petuner.train.hooks import Hook
@@ -122,6 +123,9 @@ class AdapterMethod(ABC):
     """A registry entry: one PEFT method, configured from its ``conf/adapter/<name>.yaml``."""
 
     name: ClassVar[str]
+    # Where heavy preparation (decompositions, quantization) runs: the training device, set by the run;
+    # each target moves there just before its layer is built, so the work runs one matrix at a time there.
+    device: torch.device | None = None
     # Config keys this method accepts (besides ``name``); anything else is a misspelling.
     options: ClassVar[tuple[str, ...]] = ()
     # peft's task_type per petuner task, for the peft export.
@@ -169,8 +173,9 @@ class AdapterMethod(ABC):
             return Injection(targets=[], head_modules=list(head_modules))
         targets = self.select_targets(model, exclude=head_modules)
         model.requires_grad_(False)
-        for name in targets:
-            set_submodule(model, name, self.make_layer(model.get_submodule(name)))
+        for name in tqdm(targets, desc=f"adapter={self.name}", unit="layer", disable=None):
+            base = model.get_submodule(name)
+            set_submodule(model, name, self.make_layer(base if self.device is None else base.to(self.device)))
         for _, layer in adapter_layers(model):
             for p in layer.adapter_parameters():
                 p.requires_grad_(True)
