@@ -36,6 +36,7 @@ class ModelSchema:
     random_init: dict[str, Any] | None = None  # HF config fields of a seeded random model (instead of weights)
     init_seed: int = number(0, strict=False, integer=True)
     dtype: str = choice("float32", tuple(DTYPES))  # the weights' storage dtype
+    adapter_dtype: str = choice("float32", tuple(DTYPES))  # the adapters' parameters (fp32 over any base)
     trust_remote_code: bool = flag(False)
     lora_targets: Any = None  # the model's usual LoRA targets (the adapters' target_modules default to them)
 
@@ -105,6 +106,12 @@ def check_model_combination(cfg: DictConfig) -> None:
         raise ConfigError("model.tokenizer is required when model.random_init is set")
 
 
+def adapter_dtype(cfg: DictConfig) -> torch.dtype | None:
+    """The dtype adapter parameters train in (``model.adapter_dtype``; fp32 unless set, also in runs
+    saved before the key existed): fp32 over a bf16/fp16 base keeps updates below bf16's resolution."""
+    return DTYPES.get(cfg.get("adapter_dtype", "float32"))
+
+
 def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = False) -> nn.Module:
     """Build the base model on CPU (or on the meta device: structure only, for validation)."""
     auto = auto_model_class(cfg.task)
@@ -116,7 +123,7 @@ def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = F
     # Random init and fresh heads draw from the RNG: fork it so a run's own seed stream is untouched
     # and the same model config always gives the same weights (petuner.load rebuilds bases this way).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg.init_seed))
+        torch.random.default_generator.manual_seed(int(cfg.init_seed))  # CPU only: CUDA's stays the run's
         if cfg.get("random_init"):
             model = auto.from_config(config, dtype=dtype)
         else:

@@ -44,6 +44,7 @@ from petuner.train.labelled_logits import keep_labelled_logits
 from petuner.train.logging import MetricsLog
 from petuner.train.loop import Loop, total_steps
 from petuner.train.memory import MemoryHook
+from petuner.train.precision import adapter_dtype, check_precision, dtype_report, upcast_trainable
 
 log = logging.getLogger(__name__)
 # Sections whose change makes a checkpoint meaningless for the run (trainer.max_steps may grow).
@@ -113,6 +114,8 @@ def set_up(cfg: DictConfig) -> Setup:
     compute_dtype = resolve_precision(cfg.trainer.precision, device)
     check_optimizer_for_trainer(cfg.optimizer, cfg.trainer, compute_dtype)
     method = plan.method
+    method.device = device  # decompositions and quantization run where the model will train
+    check_precision(cfg.model, method, compute_dtype)
     check_max_length(plan.data, context_length(model_config(cfg.model)))
 
     skeleton = load_model(cfg.model, meta=True)  # structure only: checks targets in milliseconds
@@ -127,7 +130,9 @@ def set_up(cfg: DictConfig) -> Setup:
         batches = calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size)
         method.prepare(model, batches, exclude=heads)
     seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
-    injection = inject(model, method, heads)
+    injection = inject(model, method, heads, adapter_dtype=adapter_dtype(cfg.model))
+    if compute_dtype is not None and method.name != "none":  # not full fine-tuning
+        upcast_trainable(model, adapter_dtype(cfg.model))  # heads, biases: autocast handles the mixed dtypes
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.3f%%); adapter=%s on %d modules", f"{trainable:,}",
              f"{total:,}", 100 * trainable / total, method.name, len(injection.targets))
@@ -150,7 +155,7 @@ def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
         "task": cfg.model.task, "data_kind": s.data.kind, "label_names": s.data.label_names,
         "targets": s.injection.targets, "head_modules": s.injection.head_modules,
         "trainable_parameters": trainable, "total_parameters": total,
-        "device": str(s.device), "compute_dtype": str(s.compute_dtype or torch.float32).removeprefix("torch."),
+        "device": str(s.device), **dtype_report(s.model, s.compute_dtype),
         "train_examples": len(s.data.train), "eval_examples": len(s.data.eval),
     }
     if isinstance(s.method, QuantizedBase):
@@ -173,7 +178,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps(cfg.trainer, len(s.data.train)))
     memory = MemoryHook()  # last: it sees the gradients the optimizer will use
     scaler = grad_scaler(device, compute_dtype)
-    guard = NonFiniteGuard(cfg.trainer.on_nonfinite, check_grads=not scaler.is_enabled())  # first: may veto
+    guard = NonFiniteGuard(cfg.trainer.on_nonfinite, scaled=scaler.is_enabled())  # first: may veto
     loop = Loop(model=model, data=s.data, optimizer=optimizer, scheduler=scheduler,
                 scaler=scaler, hooks=[guard, *s.method.hooks(model), memory], cfg=cfg.trainer,
                 device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics)

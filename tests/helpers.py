@@ -83,3 +83,34 @@ def exports_reload(run_dir, tmp_path, peft_ok: bool = True) -> dict | None:
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - ours).abs().max() <= 1e-5
     return json.loads((out / "adapter_config.json").read_text())
+
+
+# row → (YAML in conf/adapter/, overrides of its shipped values, modules it must wrap in the tiny Llama).
+# The YAMLs are composed as shipped (target_modules: the tiny Llama's lora_targets, q_proj and v_proj);
+# only sizes shrink, and dropout goes to zero where the row compares outputs exactly.
+QV = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+SMALL = ("r=4", "alpha=8", "dropout=0.0")
+ADAPTERS = {
+    "lora": ("lora", SMALL, QV),
+    "none": ("none", (), []),
+    "dylora": ("dylora", SMALL, QV),
+    "sora": ("sora", SMALL, QV),
+    "qlora": ("qlora", SMALL, QV),
+    "lq_lora": ("lq_lora", (*SMALL, "bits=3", "iterations=3", "calibration_batches=1"), QV),
+    "lora_dora": ("lora", (*SMALL, "variant=dora"), QV),
+    "lora_pissa": ("lora", (*SMALL, "scaling=rslora", "init=pissa"), QV),
+    "block_lora": ("block_lora", (*SMALL, "n_blocks=4"), QV),
+    "loldu": ("loldu", ("r=4", "alpha=4"), QV),
+    "svfit": ("svfit", ("r=4",), QV),
+    # peft's own tuners through adapter=peft (the ready configs adapter=loha / adalora / vera)
+    "peft": ("peft", ("config.r=4", "config.alpha=8"), QV),
+    "peft_loha": ("loha", ("config.r=4", "config.alpha=8"), QV),
+    "peft_adalora": ("adalora", ("config.init_r=4", "config.target_r=2", "config.total_step=10",
+                                "config.lora_dropout=0.0"), QV),
+    "peft_vera": ("vera", ("config.r=8",), QV),
+}
+
+
+def row_cfg(name: str) -> dict:
+    yaml, overrides, _ = ADAPTERS[name]
+    return shipped("adapter", yaml, *overrides)

@@ -22,38 +22,7 @@ from petuner.adapters import (
     unmerge_adapters,
 )
 from petuner.config import group_choices
-from tests.helpers import shipped, tiny_llama
-
-# row → (YAML in conf/adapter/, overrides of its shipped values, modules it must wrap in the tiny Llama).
-# The YAMLs are composed as shipped (target_modules: the tiny Llama's lora_targets, q_proj and v_proj);
-# only sizes shrink, and dropout goes to zero where the row compares outputs exactly.
-QV = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
-SMALL = ("r=4", "alpha=8", "dropout=0.0")
-ADAPTERS = {
-    "lora": ("lora", SMALL, QV),
-    "none": ("none", (), []),
-    "dylora": ("dylora", SMALL, QV),
-    "sora": ("sora", SMALL, QV),
-    "qlora": ("qlora", SMALL, QV),
-    "lq_lora": ("lq_lora", (*SMALL, "bits=3", "iterations=3", "calibration_batches=1"), QV),
-    "lora_dora": ("lora", (*SMALL, "variant=dora"), QV),
-    "lora_pissa": ("lora", (*SMALL, "scaling=rslora", "init=pissa"), QV),
-    "block_lora": ("block_lora", (*SMALL, "n_blocks=4"), QV),
-    "loldu": ("loldu", ("r=4", "alpha=4"), QV),
-    "svfit": ("svfit", ("r=4",), QV),
-    # peft's own tuners through adapter=peft (the ready configs adapter=loha / adalora / vera)
-    "peft": ("peft", ("config.r=4", "config.alpha=8"), QV),
-    "peft_loha": ("loha", ("config.r=4", "config.alpha=8"), QV),
-    "peft_adalora": ("adalora", ("config.init_r=4", "config.target_r=2", "config.total_step=10",
-                                "config.lora_dropout=0.0"), QV),
-    "peft_vera": ("vera", ("config.r=8",), QV),
-}
-
-
-def row_cfg(name: str) -> dict:
-    yaml, overrides, _ = ADAPTERS[name]
-    return shipped("adapter", yaml, *overrides)
-
+from tests.helpers import ADAPTERS, QV, row_cfg, shipped_cfg, tiny_llama
 
 # Rows whose frozen base is quantized: with the adapter off the model is that quantized base (not the fp32
 # tiny Llama), and the base layer as a dense Linear holds the dequantized weight (``layer.base_weight()``).
@@ -182,3 +151,72 @@ def test_peft_export_reloads_in_peft_with_the_same_logits(name: str, tmp_path) -
     reloaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=1e-5, rtol=0)
+
+
+def owns_contiguous_storage(t: torch.Tensor) -> bool:
+    size = t.numel() * t.element_size()
+    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == size
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_adapter_tensors_own_contiguous_storage(name: str) -> None:
+    """A parameter that is a strided view into a decomposition is mis-updated by fused AdamW (which
+    treats it as contiguous) and keeps the whole matrix alive; so does a buffer view."""
+    model = tiny_llama()
+    inject(model, build_adapter(row_cfg(name)))
+    tensors = {**trainable_parameters(model), **adapter_state_dict(model)}
+    assert tensors or name == "none"
+    bad = sorted(n for n, t in tensors.items() if not owns_contiguous_storage(t))
+    assert not bad
+
+
+@pytest.mark.parametrize("name", ["loldu", "svfit"])
+def test_fused_adamw_trains_every_diagonal_entry(name: str) -> None:
+    from petuner.optim import build_optimizer
+
+    model = tiny_llama()
+    inject(model, build_adapter(row_cfg(name)))
+    trainable = trainable_parameters(model)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    cfg = shipped_cfg("optimizer", "adamw")
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    assert optimizer.defaults["fused"]
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    for n, p in trainable.items():
+        assert (p != before[n]).all(), n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", [n for n in sorted(ADAPTERS) if ADAPTERS[n][2]])
+def test_adapters_are_fp32_over_a_low_precision_base(name: str, dtype: torch.dtype) -> None:
+    """peft's autocast_adapter_dtype for every method, peft's own tuners too; AdaLoRA's ranknum never trains."""
+    model = tiny_llama().to(dtype)
+    inject(model, build_adapter(row_cfg(name)))
+    trainable = trainable_parameters(model)
+    assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
+    assert not [n for n in trainable if "ranknum" in n]
+    floats = [t for t in adapter_state_dict(model).values() if t.is_floating_point()]
+    assert {t.dtype for t in floats} == {torch.float32}
+    logits = model(input_ids=IDS).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_layers_are_built_on_the_training_device_one_matrix_at_a_time() -> None:
+    """Decompositions and quantization (PiSSA, SVFit, LoLDU, QLoRA) run in ``make_layer``: each target
+    reaches ``method.device`` (meta here, standing in for a GPU) just before its layer is built."""
+    model = tiny_llama()
+    method = build_adapter(row_cfg("lora"))
+    method.device = torch.device("meta")
+    seen: list[tuple[torch.device, int]] = []
+    build = method.make_layer
+
+    def spy(base):
+        on_device = sum(p.is_meta for n, p in model.named_parameters()
+                        if n.endswith(("proj.weight", "proj.base_layer.weight")))
+        seen.append((base.weight.device, on_device))
+        return build(base)
+
+    method.make_layer = spy
+    inject(model, method)
+    assert seen == [(torch.device("meta"), k) for k in range(1, len(QV) + 1)]

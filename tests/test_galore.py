@@ -221,3 +221,43 @@ def test_galore_trains_every_projected_matrix_with_a_small_state() -> None:
             assert state["exp_avg"].shape == ((m, 4) if m >= n else (4, n)), name
         else:
             assert state["exp_avg"].shape == p.shape, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("projector", ["svd", "randomized", "dct"])
+def test_low_precision_weights_train_and_resume_with_fp32_state(dtype, projector, tmp_path) -> None:
+    """bf16/fp16 weights (GaLore's main use): fp32 projectors, basis and moments; the saved state comes
+    back exactly (torch's load_state_dict would cast it to the weight's dtype: DCT indices above 256 and
+    fp32 moments would lose values) and the resumed step equals the uninterrupted one."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(600, 320, generator=g).to(dtype))
+    grads = [torch.randn(600, 320, generator=g).to(dtype) for _ in range(3)]
+
+    def optimizer_for(p):
+        return GaLoreAdamW([{"params": [p], "rank": 16, "update_proj_gap": 5, "scale": 0.5, "projector": projector}],
+                           lr=1e-2)
+
+    def step(opt, p, grad):
+        p.grad = grad.clone()
+        opt.step()
+
+    initial = weight.detach().clone()
+    opt = optimizer_for(weight)
+    for grad in grads[:2]:
+        step(opt, weight, grad)
+    state = opt.state[weight]
+    assert state["exp_avg"].dtype == torch.float32
+    assert (state["projector"] if projector != "dct" else opt._basis(weight)).dtype == torch.float32
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    clone = torch.nn.Parameter(weight.detach().clone())
+    restored = optimizer_for(clone)
+    restored.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for key, value in state.items():
+        if torch.is_tensor(value):
+            assert restored.state[clone][key].dtype == value.dtype and torch.equal(restored.state[clone][key], value)
+    if projector == "dct":
+        assert int(state["projector_index"].max()) > 256  # where a bf16 cast would have rounded
+    step(opt, weight, grads[2])
+    step(restored, clone, grads[2])
+    assert torch.equal(weight, clone)
+    assert not torch.equal(weight, initial) and torch.isfinite(weight).all()

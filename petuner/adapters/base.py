@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from tqdm.auto import tqdm
 
 from petuner.schema import conform
 from petuner.train.hooks import Hook
@@ -94,7 +95,7 @@ class AdapterLayer(nn.Module, ABC):
         out = self.base_layer(x)
         if self.merged or self.disabled:
             return out
-        return out + self.adapter_forward(x)
+        return out + self.adapter_forward(x).to(out.dtype)  # fp32 adapters over a bf16 base: base's dtype
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -132,6 +133,9 @@ class AdapterMethod(ABC):
     name: ClassVar[str]
     # The dataclass of this method's options (its YAML's schema); a key it lacks is refused.
     schema: ClassVar[type[AdapterSchema]] = AdapterSchema
+    # Where heavy preparation (decompositions, quantization) runs: the training device, set by the run;
+    # each target moves there just before its layer is built, so the work runs one matrix at a time there.
+    device: torch.device | None = None
 
     def __init__(self, cfg: DictConfig | dict[str, Any]) -> None:
         self.cfg = conform(self.schema, cfg, "adapter", f"adapter={self.name}")
@@ -151,8 +155,9 @@ class AdapterMethod(ABC):
         """
         targets = self.select_targets(model, exclude=head_modules)
         model.requires_grad_(False)
-        for name in targets:
-            set_submodule(model, name, self.make_layer(model.get_submodule(name)))
+        for name in tqdm(targets, desc=f"adapter={self.name}", unit="layer", disable=None):
+            base = model.get_submodule(name)
+            set_submodule(model, name, self.make_layer(base if self.device is None else base.to(self.device)))
         for _, layer in adapter_layers(model):
             for p in layer.adapter_parameters():
                 p.requires_grad_(True)

@@ -37,10 +37,11 @@ class FrozenFactorsLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Linear, factor_B: torch.Tensor, factor_A: torch.Tensor,
                  initial_diag: torch.Tensor) -> None:
         super().__init__(base_layer)
-        dtype = base_layer.weight.dtype
-        self.register_buffer("factor_B", factor_B.to(dtype))  # out × r
-        self.register_buffer("factor_A", factor_A.to(dtype))  # r × in
-        self.register_buffer("initial_diag", initial_diag.to(dtype))  # r
+        # Copies, not views: a slice of the decomposition would keep the whole SVD/LU matrix alive.
+        own = {"dtype": base_layer.weight.dtype, "memory_format": torch.contiguous_format, "copy": True}
+        self.register_buffer("factor_B", factor_B.to(**own))  # out × r
+        self.register_buffer("factor_A", factor_A.to(**own))  # r × in
+        self.register_buffer("initial_diag", initial_diag.to(**own))  # r
 
     @abstractmethod
     def diagonal(self) -> torch.Tensor:

@@ -117,7 +117,7 @@ class LoRALinear(AdapterLayer):
         weight = self.base_layer.weight
         v, s, uh = torch.linalg.svd(weight.float(), full_matrices=False)
         root = torch.sqrt(s[:self.r] / self.scaling)
-        a, b = root[:, None] * uh[:self.r], v[:, :self.r] * root
+        a, b = (root[:, None] * uh[:self.r]).contiguous(), (v[:, :self.r] * root).contiguous()
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b)
         weight.copy_(weight.float() - self.scaling * b @ a)
@@ -130,8 +130,9 @@ class LoRALinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled and self.pissa:  # the base model is the residual plus the initial factors
+            out = self.base_layer(x)
             x = x.to(self.pissa_A0.dtype)
-            return self.base_layer(x) + F.linear(F.linear(x, self.pissa_A0), self.pissa_B0) * self.scaling
+            return out + (F.linear(F.linear(x, self.pissa_A0), self.pissa_B0) * self.scaling).to(out.dtype)
         return super().forward(x)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +176,7 @@ class DoRALinear(LoRALinear):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         mag_scale = self.lora_magnitude_vector.weight / self.weight_norm()
-        base = F.linear(x, self.base_layer.weight)
+        base = F.linear(x, self.base_layer.weight.to(x.dtype))  # as peft: W in the adapter's dtype
         return (mag_scale - 1) * base + mag_scale * self.lora_B(self.lora_A(x)) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:

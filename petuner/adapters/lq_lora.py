@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from petuner.adapters.base import AdapterSchema, Injection
 from petuner.adapters.capabilities import PreparesFromData, QuantizedBase
@@ -213,9 +214,11 @@ class LQLoRA(LoRABase, QuantizedBase, PreparesFromData):
         fisher = self._fisher_for(model)
         configs = list(BITS) if c.budget_bits is not None else [c.bits]
         modules = [model.get_submodule(n) for n in targets]
-        decs = [[cached_decomposition(m.weight, c.r, b, c.block_size, c.iterations,
-                                      fisher[n] if fisher else None) for b in configs]
-                for n, m in zip(targets, modules, strict=True)]
+        progress = tqdm(zip(targets, modules, strict=True), total=len(targets), desc="lq_lora: decompose",
+                        unit="matrix", disable=None)
+        decs = [[cached_decomposition(m.weight if self.device is None else m.weight.to(self.device), c.r, b,
+                                      c.block_size, c.iterations, fisher[n] if fisher else None) for b in configs]
+                for n, m in progress]
         sizes = [m.weight.numel() for m in modules]
         if c.budget_bits is not None:
             bits = [[n * bits_per_param(b, c.block_size) for b in configs] for n in sizes]

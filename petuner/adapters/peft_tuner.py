@@ -139,6 +139,19 @@ def orthogonal_regularization(model: nn.Module) -> torch.Tensor | float:
     return total / count if count else 0.0
 
 
+def fp32_adapters(model: nn.Module) -> None:
+    """peft's ``autocast_adapter_dtype`` (what ``PeftModel`` does by default, which calling a tuner class
+    directly skips): bf16/fp16 adapter tensors, shared ones such as VeRA's projections included, become
+    fp32. AdaLoRA's ``ranknum`` (a constant, the current rank) comes back from peft's casts as a trainable
+    parameter over a bf16/fp16 base; it never trains."""
+    from peft.tuners.tuners_utils import cast_adapter_dtype
+
+    cast_adapter_dtype(model, adapter_name=ADAPTER)
+    for name, p in model.named_parameters():
+        if name.endswith(f"ranknum.{ADAPTER}"):
+            p.requires_grad_(False)
+
+
 class AdaLoRAHook(Hook):
     """Runs AdaLoRA's importance update and rank allocation after each optimizer step, as peft expects it
     (after ``optimizer.step()``, before ``zero_grad``: the step's gradients are kept for it)."""
@@ -166,6 +179,9 @@ class AdaLoRAHook(Hook):
         self.grads = [(p, p.grad) for p in self.tuner_model.model.parameters() if p.requires_grad]
 
     def after_optimizer_step(self, state: TrainState) -> None:
+        if state.skip_update:  # a skipped step (non-finite, or the fp16 scaler's overflow): no importance update
+            self.grads = []
+            return
         for p, grad in self.grads:
             p.grad = grad
         self.tuner_model.update_and_allocate(state.step - 1)  # peft counts steps from 0
@@ -179,9 +195,15 @@ class AdaLoRAHook(Hook):
                 "rank_pattern": self.config.rank_pattern, "total_step": self.config.total_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The scores go to the device of the parameter each belongs to (checkpoints load onto the CPU)."""
         allocator = self.tuner_model.rankallocator
+        params = dict(self.tuner_model.model.named_parameters())
+
+        def placed(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {n: t.to(params[n].device) if n in params else t for n, t in scores.items()}
+
         allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = (
-            state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"])
+            placed(state["ipt"]), placed(state["exp_avg_ipt"]), placed(state["exp_avg_unc"]))
         self.config.rank_pattern = state["rank_pattern"]
         self.config.total_step = state["total_step"]
 
@@ -268,6 +290,7 @@ class PeftTuner(AdapterMethod, PeftNative):
         except (TypeError, ValueError) as err:  # peft's word on a config that does not fit this model
             raise ConfigError(f"adapter.peft_type={self.cfg.peft_type}: peft cannot apply adapter.config to "
                               f"{type(model).__name__}: {first_line(err)}") from None
+        fp32_adapters(model)
         targets: list[str] = []
         for name, module in list(model.named_modules()):
             if isinstance(module, BaseTunerLayer):

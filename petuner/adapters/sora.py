@@ -93,8 +93,11 @@ class ProximalGateStep(Hook):
         self.optimizer = optimizer(gates, lr=cfg.gate_lr)
         self.curve: list[dict[str, float]] = []
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]  # the loop unscales the gates' gradients under fp16 loss scaling
+
     def after_optimizer_step(self, state: TrainState) -> None:
-        if state.skip_update:
+        if state.skip_update:  # a non-finite or scaler-overflowing step: the gates do not move either
             return
         xi = xi_at(self.cfg, state.step, state.max_steps)
         self.optimizer.step()

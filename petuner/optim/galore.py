@@ -84,7 +84,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = 0
-        grad = p.grad
+        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()  # the update runs in fp32
         rank = group["rank"]
         if rank is not None:
             if state["step"] % group["update_proj_gap"] == 0:
@@ -111,7 +111,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # --- projectors: ``projector`` (a matrix) or ``projector_index`` (DCT columns) in the state ---
 
     def _refresh_projector(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        grad, rank = p.grad, group["rank"]
+        grad, rank = p.grad.float(), group["rank"]
         if group["projector"] == "svd":
             state["projector"] = proj.svd_projector(grad, rank)
         elif group["projector"] == "randomized":
@@ -125,20 +125,22 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return state["projector"]
 
     def _basis(self, p: torch.Tensor) -> torch.Tensor:
+        """The DCT basis in fp32 whatever the weight's dtype: projections feed the fp32 Adam update."""
         n = min(p.shape)
-        key = (n, p.device, p.dtype)
+        key = (n, p.device, torch.float32)
         if key not in self._dct:
-            self._dct[key] = proj.dct_basis(n, p.device, p.dtype)
+            self._dct[key] = proj.dct_basis(n, p.device, torch.float32)
         return self._dct[key]
 
-    # --- resume: keep every saved tensor's dtype (torch would cast uint8 codes to the param's) -----
+    # --- resume: every saved tensor as saved (torch would cast it to the param's dtype: uint8 codes,
+    # --- projector indices above 256 and fp32 moments of a bf16 weight would all lose values) -------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
-        dtypes = {p: {k: v.dtype for k, v in state_dict["state"].get(i, {}).items() if torch.is_tensor(v)}
-                  for i, p in zip(saved_ids, params, strict=True)}
+        saved = {p: {k: v for k, v in state_dict["state"].get(i, {}).items() if torch.is_tensor(v)}
+                 for i, p in zip(saved_ids, params, strict=True)}
         super().load_state_dict(state_dict)
-        for p, keys in dtypes.items():
-            for key, dtype in keys.items():
-                self.state[p][key] = self.state[p][key].to(dtype)
+        for p, tensors in saved.items():
+            for key, tensor in tensors.items():
+                self.state[p][key] = tensor.to(p.device)

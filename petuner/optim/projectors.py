@@ -3,6 +3,8 @@
 The side follows GaLore: for m ≥ n the projector P is r × n (right singular directions) and the
 projected gradient is R = G Pᵀ (m × r); for m < n, P is m × r (left directions) and R = Pᵀ G (r × n).
 Either way the state is the smaller one, and ``project_back`` maps an update back to m × n.
+Projectors and the DCT basis are fp32 whatever the weight's dtype: they meet the fp32 gradient and
+Adam update (a bf16 weight's gradient is upcast first), and a bf16 basis would be off by ~0.4%.
 
 Three ways to choose P (``optimizer.projector``):
 - ``svd``: the exact top-r singular vectors (``torch.linalg.svd``), as in the paper.
@@ -42,7 +44,7 @@ def svd_projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
     """The exact top-``rank`` singular directions of ``grad`` on its projected side."""
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
     proj = vh[:rank] if side(grad.shape) == "right" else u[:, :rank]
-    return proj.to(grad.dtype, copy=True)  # a copy: a slice would keep the whole SVD's storage alive
+    return proj.clone(memory_format=torch.contiguous_format)  # a slice would keep the whole SVD alive
 
 
 def randomized_projector(grad: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
@@ -53,7 +55,7 @@ def randomized_projector(grad: torch.Tensor, rank: int, seed: int) -> torch.Tens
         torch.manual_seed(seed)
         u, _, v = torch.svd_lowrank(grad.float(), q=q, niter=POWER_ITERATIONS)
     proj = v[:, :rank].t() if side(grad.shape) == "right" else u[:, :rank]
-    return proj.to(grad.dtype, copy=True)
+    return proj.clone(memory_format=torch.contiguous_format)
 
 
 def dct_basis(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -9,6 +9,8 @@ The SVD is ``torch.svd_lowrank`` under a fixed seed, so a decomposition is repro
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,13 +41,25 @@ def weighted_error(residual: torch.Tensor, row: torch.Tensor | None, col: torch.
     return float(residual.double().pow(2).sum())
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Draws on ``device`` from ``seed``, leaving every generator as it was. (``torch.manual_seed``
+    would also reseed every CUDA generator, which ``fork_rng`` only restores for the devices it is given:
+    the run's dropout would then ignore ``trainer.seed``.)"""
+    index = (device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
+    with torch.random.fork_rng(devices=[] if index is None else [index], device_type="cuda"):
+        generator = torch.random.default_generator if index is None else torch.cuda.default_generators[index]
+        generator.manual_seed(seed)
+        yield
+
+
 def low_rank(residual: torch.Tensor, rank: int, row: torch.Tensor | None = None, col: torch.Tensor | None = None,
              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """L1 (m×r), L2 (r×n) with L1 L2 the best rank-r approximation of R (in the weighted norm); √S in both."""
     weighted = residual if row is None or col is None else residual * row[:, None] * col[None, :]
     q = min(rank + SVD_OVERSAMPLE, *weighted.shape)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed, weighted.device):
         u, s, v = torch.svd_lowrank(weighted, q=q, niter=SVD_POWER_ITERATIONS)
     root = s[:rank].sqrt()
     l1, l2 = u[:, :rank] * root, (v[:, :rank] * root).T

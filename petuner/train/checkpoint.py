@@ -7,6 +7,7 @@ read back with ``torch.load(weights_only=True)``: no pickled code runs on resume
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import shutil
@@ -21,6 +22,7 @@ from petuner.adapters import adapter_state_dict, load_adapter_state_dict
 from petuner.io import ADAPTER_FILE, CHECKPOINTS, STATE_FILE, atomic_dir, save_tensors
 from petuner.train.hooks import Hook
 
+log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -32,10 +34,16 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the saved generators; on fewer (or more) GPUs than saved, those present get theirs."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, count = state["cuda"], torch.cuda.device_count()
+        if len(saved) != count:
+            log.warning("resuming on %d CUDA devices, saved with %d: random streams (dropout) of devices beyond "
+                        "the first %d differ from the uninterrupted run", count, len(saved), min(count, len(saved)))
+        for index, rng in enumerate(saved[:count]):
+            torch.cuda.set_rng_state(rng, index)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

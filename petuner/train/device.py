@@ -2,7 +2,9 @@
 
 ``precision=auto`` picks bf16 autocast on CUDA devices that support it, fp16 (with a gradient
 scaler) on older CUDA devices, and fp32 elsewhere: bf16 autocast on CPU is ~20× slower than fp32.
-Weights stay in their storage dtype (fp32 by default); autocast only changes the compute dtype.
+``bf16`` and ``fp16`` force that autocast on any device (``fp16`` on CPU drives
+``torch.amp.GradScaler("cpu")``: slow, but the GPU's fp16 path runs and is tested there).
+Weights stay in their storage dtype (``model.dtype``); autocast only changes the compute dtype.
 """
 
 from __future__ import annotations
@@ -43,8 +45,6 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
         return None
     if spec not in PRECISIONS:
         raise ConfigError(f"trainer.precision={spec!r}: allowed: auto, {', '.join(PRECISIONS)}")
-    if spec == "fp16" and device.type == "cpu":
-        raise ConfigError("trainer.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     return PRECISIONS[spec]
 
 

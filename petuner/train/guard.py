@@ -3,7 +3,10 @@
 ``trainer.on_nonfinite=stop`` (default) ends the run at once with one line; nothing is saved after
 the bad step, so the last checkpoint is the last good state. ``skip`` drops that step's update (the
 batch is consumed, the schedule moves on) and counts it in ``train/skipped_steps``. Under fp16 the
-gradient scaler already skips overflowing steps, so only the loss is checked there.
+gradient scaler's overflows are expected: such a step (finite loss, non-finite unscaled gradient) is
+always skipped and counted, whatever ``on_nonfinite`` says, and the scaler lowers its scale. The guard
+runs first among the hooks and sets ``state.skip_update``, so methods' own steps (SoRA's gates,
+AdaLoRA's rank allocation) skip it too.
 """
 
 from __future__ import annotations
@@ -21,19 +24,20 @@ ACTIONS = ("stop", "skip")
 
 
 class NonFiniteGuard(Hook):
-    def __init__(self, action: str, check_grads: bool = True) -> None:
-        self.action, self.check_grads = action, check_grads
+    def __init__(self, action: str, scaled: bool = False) -> None:
+        """``scaled``: gradients come from an fp16 gradient scaler, whose overflows are skipped steps."""
+        self.action, self.scaled = action, scaled
         self.skipped = 0
 
     def after_backward(self, state: TrainState) -> None:
         bad = "loss" if not math.isfinite(state.loss) else None
-        if bad is None and self.check_grads:
+        if bad is None:
             grads = [p.grad for p in state.model.parameters() if p.grad is not None]
             if grads and not torch.isfinite(torch.stack([g.float().abs().max() for g in grads])).all():
                 bad = "gradient"
         if bad is None:
             return
-        if self.action == "stop":
+        if self.action == "stop" and not (self.scaled and bad == "gradient"):
             last = latest_checkpoint(state.run_dir) if state.run_dir else None
             raise PetunerError(f"non-finite {bad} at step {state.step + 1} (loss {state.loss}); stopped "
                                f"(trainer.on_nonfinite=skip drops such steps); last good checkpoint: {last or 'none'}")

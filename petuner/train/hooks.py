@@ -27,7 +27,9 @@ class TrainState:
     # This step's values to log; hooks may add their own (e.g. DyLoRA's drawn rank) in before_step.
     metrics: dict[str, float] = field(default_factory=dict)
     loss: float = 0.0  # this step's training loss, set before after_backward
-    skip_update: bool = False  # a hook may veto this step's parameter update (the non-finite guard does)
+    # A hook may veto this step's parameter update (the non-finite guard does, also for a step the fp16
+    # gradient scaler skips); every hook that updates parameters itself must then skip too.
+    skip_update: bool = False
     run_dir: Path | None = None  # where a hook may write its own artefacts (e.g. SoRA's sparsity curve)
     evaluate: Callable[[], dict[str, float]] | None = None  # held-out evaluation, for hooks that sweep it
 
@@ -46,6 +48,11 @@ class Hook:
 
     def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
         """After an evaluation; may add entries to ``metrics``."""
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimizers the hook steps itself (SoRA's gates): the loop unscales their gradients with the
+        main optimizer's, and a step the gradient scaler skips is skipped for them too."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         """What the hook needs to resume exactly (saved in every checkpoint)."""

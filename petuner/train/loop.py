@@ -1,7 +1,8 @@
 """The training loop: every adapter and optimizer goes through these lines, top to bottom.
 
 Per optimizer step: hooks.before_step → forward/backward over ``grad_accum`` micro-batches →
-unscale → hooks.after_backward → clip → optimizer, scheduler → hooks.after_optimizer_step → log,
+unscale (every optimizer's, hooks' too) → hooks.after_backward (the guard first: a non-finite or
+scaler-overflowing step is skipped for every hook) → clip → optimizer, scheduler → hooks.after_optimizer_step → log,
 evaluate, checkpoint. Data order is a pure function of (seed, epoch), so a resumed run sees exactly
 the batches the uninterrupted run would have seen.
 """
@@ -136,6 +137,7 @@ class Loop:
         state = TrainState(model=model, optimizer=optimizer, max_steps=max_steps, step=start_step,
                            run_dir=self.run_dir, evaluate=self.evaluate)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizers = [optimizer, *(o for hook in self.hooks for o in hook.optimizers())]
         results: dict[str, float] = {}
         if start_step == 0:
             results.update({f"{k}_before": v for k, v in self.run_eval(state).items()})
@@ -156,7 +158,8 @@ class Loop:
                     self.scaler.scale(loss).backward()
                     loss_sum += loss.item()
                     tokens += int(batch["attention_mask"].sum())
-                self.scaler.unscale_(optimizer)
+                for opt in optimizers:  # every gradient a step uses, the hooks' own included, unscaled
+                    self.scaler.unscale_(opt)
                 state.loss = loss_sum
                 for hook in self.hooks:
                     hook.after_backward(state)
