@@ -58,6 +58,7 @@ def build_base_with_adapter(cfg: DictConfig, info: dict[str, Any]) -> tuple[nn.M
 
     model = load_model(cfg.model, num_labels=len(info.get("label_names") or []) or None)
     method = build_adapter(cfg.adapter)
+    method.restore(info.get("adapter_report") or {})
     injection = inject(model, method, info["head_modules"])
     if injection.targets != info["targets"]:
         raise PetunerError("the adapter's targets differ from the ones the run trained: the base model changed")

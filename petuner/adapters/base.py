@@ -216,6 +216,11 @@ class AdapterMethod(ABC):
         """What injection decided, for run.json (e.g. per-matrix quantization configs); {} if nothing."""
         return {}
 
+    def restore(self, report: dict[str, Any]) -> None:
+        """Before injection when a run is loaded: take what ``report`` said in training instead of deciding
+        again (LQ-LoRA builds its saved per-matrix configs rather than recomputing them)."""
+        return None
+
 
 # --- target selection (peft's semantics: a list matches by name suffix, a string is a regex) ---
 
