@@ -109,6 +109,10 @@ def test_grid_is_bits_by_first_level_by_second_level_block() -> None:
     assert len(configs) == 4 * 3 * 3 == len(set(configs))
     assert {(q.bits, q.block_size, q.group_size) for q in configs} == set(itertools.product(
         (2, 3, 4, 8), (16, 32, 64), (16, 64, 256)))
+    counts = {g: len(build_adapter(lq_cfg(budget_bits=3.0, allocation_grid=g)).configs())
+              for g in ("paper", "bits_blocks", "bits")}
+    assert counts == {"paper": 36, "bits_blocks": 12, "bits": 4}
+    assert build_adapter(lq_cfg()).configs() == [QuantConfig(3, 64, 256)]  # no budget: bits, block_size
     w = low_rank_plus_noise()
     for q in (QuantConfig(3, 16, 16), QuantConfig(2, 64, 64)):  # storage as the config says
         packed = quantize(w, q.bits, q.block_size, q.group_size)
@@ -245,6 +249,7 @@ def test_a_second_injection_reads_the_decompositions_from_the_cache(monkeypatch)
     ("budget_bits", 1.5, r"adapter.budget_bits=1.5: must be null or a number >= 2.127"),
     ("iterations", 0, r"adapter.iterations=0: must be an integer > 0"),
     ("fisher", "yes", r"adapter.fisher='yes': must be true or false"),
+    ("allocation_grid", "all", r"adapter.allocation_grid='all': allowed: paper, bits_blocks, bits"),
 ])
 def test_bad_options_are_one_clear_line(key: str, value, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as err:

@@ -61,6 +61,7 @@ from petuner.train.checkpoint import save_tensors
 log = logging.getLogger(__name__)
 LOW_RANK_BITS = 16  # the paper counts L1, L2 at 16 bits
 _VERSION = 2  # bump when the decomposition's algorithm changes: old cache entries no longer match
+GRIDS = ("paper", "bits_blocks", "bits")
 
 
 def decomposition_cache() -> Path:
@@ -160,7 +161,7 @@ def empirical_fisher(model: nn.Module, weights: Sequence[torch.Tensor],
 class LQLoRA(LoRA):
     name = "lq_lora"
     options: ClassVar[tuple[str, ...]] = (*LORA_OPTIONS, "bits", "block_size", "iterations", "fisher",
-                                          "calibration_batches", "budget_bits")
+                                          "calibration_batches", "budget_bits", "allocation_grid")
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -172,7 +173,9 @@ class LQLoRA(LoRA):
         check_number(c, "iterations", "adapter", integer=True)
         check_number(c, "calibration_batches", "adapter", integer=True)
         check_flag(c, "fisher", "adapter")
-        cheapest = min(grid(), key=lambda q: q.bits_per_param)
+        if self.allocation_grid not in GRIDS:
+            raise ConfigError(f"adapter.allocation_grid={self.allocation_grid!r}: allowed: {', '.join(GRIDS)}")
+        cheapest = min(self.configs(), key=lambda q: q.bits_per_param)
         budget = c.budget_bits
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                    or budget < cheapest.bits_per_param):
@@ -183,6 +186,19 @@ class LQLoRA(LoRA):
         self._restored: dict[str, QuantConfig] | None = None
         self._plan: dict[str, tuple[nn.Module, Decomposition, QuantConfig]] = {}
         self._report: dict[str, Any] = {}
+
+    @property
+    def allocation_grid(self) -> str:
+        return self.cfg.get("allocation_grid", "paper")
+
+    def configs(self) -> list[QuantConfig]:
+        """The candidate quantization configs of every matrix: the grid with a budget, else bits/block_size."""
+        c = self.cfg
+        if c.budget_bits is None:
+            return [QuantConfig(c.bits, c.block_size)]
+        if self.allocation_grid == "bits":
+            return [QuantConfig(b, c.block_size) for b in BITS]
+        return [q for q in grid() if self.allocation_grid == "paper" or q.group_size == ABSMAX_GROUP]
 
     def calibration_batches(self) -> int:
         return int(self.cfg.calibration_batches) if self.cfg.fisher else 0
@@ -222,7 +238,7 @@ class LQLoRA(LoRA):
             return
         if c.fisher and self._fisher is None:
             raise PetunerError("adapter.fisher=true: no Fisher was computed (prepare() needs calibration batches)")
-        configs = grid() if c.budget_bits is not None else [QuantConfig(c.bits, c.block_size)]
+        configs = self.configs()
         decs = []
         for n, m in zip(targets, modules, strict=True):
             fisher = self._fisher[n] if self._fisher else None

