@@ -7,12 +7,16 @@ peft format: ``adapter_config.json`` (written by peft's own ``LoraConfig``) and
 layers (``adapter=peft``) is rebuilt as a ``PeftModel`` and saved by peft's ``save_pretrained``.
 Merged: every adapter folded into its base weight, the wrappers removed, saved with
 ``save_pretrained`` alongside the tokenizer, loadable by the matching ``AutoModel`` class without
-petuner. Both are written to a temporary folder first and renamed into place; an existing non-empty
+petuner. Quantized (adapters over a quantized base: qlora, lq_lora): the run's config, its report and
+its adapter state — for LQ-LoRA the packed mixed-precision base Q with it — which ``petuner.load``
+rebuilds without recomputing anything (the merged export would dequantize the base to full precision).
+All are written to a temporary folder first and renamed into place; an existing non-empty
 destination needs ``force``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import Counter
@@ -23,14 +27,14 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from petuner.adapters import LoRAFactors, adapter_layers, adapter_state_dict, unload
+from petuner.adapters import LoRAFactors, adapter_layers, adapter_state_dict, trainable_parameters, unload
 from petuner.errors import PetunerError
 from petuner.io import atomic_dir
 from petuner.manifest import write_manifest
 from petuner.models import load_model
-from petuner.run_folder import LoadedRun, load
+from petuner.run_folder import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, LoadedRun, load
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "quantized")
 PEFT_PREFIX = "base_model.model."
 log = logging.getLogger(__name__)
 
@@ -77,9 +81,9 @@ def peft_state_dict(run: LoadedRun, factors: dict[str, LoRAFactors]) -> dict[str
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora.B
         state.update({f"{PEFT_PREFIX}{name}.{key}": tensor for key, tensor in lora.extra.items()})
     own = tuple(f"{name}." for name, _ in adapter_layers(run.model))
-    for key, tensor in adapter_state_dict(run.model).items():
+    for key, tensor in trainable_parameters(run.model).items():  # not the layers' buffers (LQ-LoRA's packed Q)
         if not key.startswith(own) or ".base_layer." in key:
-            state[PEFT_PREFIX + key] = tensor
+            state[PEFT_PREFIX + key] = tensor.detach()
     return state
 
 
@@ -94,6 +98,9 @@ def model_card(run: LoadedRun, fmt: str) -> str:
     if fmt == "peft":
         lines += ["```python", "from peft import PeftModel",
                   "model = PeftModel.from_pretrained(base_model, \"<this folder>\")", "```"]
+    elif fmt == "quantized":
+        lines += ["The quantized base and the adapter, as petuner trained them: `petuner.load(\"<this folder>\")`",
+                  "rebuilds the model from these files alone (no data, no recomputation)."]
     else:
         lines += ["The adapter is merged into the weights: load this folder with the matching transformers",
                   "Auto class (e.g. `AutoModelForCausalLM.from_pretrained(\"<this folder>\")`)."]
@@ -134,6 +141,16 @@ def export_merged(run: LoadedRun, out: Path) -> None:
     run.tokenizer.save_pretrained(str(out))
 
 
+def export_quantized(run: LoadedRun, out: Path) -> None:
+    """Write the run's config, run.json and adapter state (with the quantized base's packed tensors)."""
+    if not any(layer.quantized_base for _, layer in adapter_layers(run.model)):
+        raise PetunerError(f"adapter={run.cfg.adapter.name} has no quantized base: use --format peft or merged")
+    (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(run.cfg))
+    (out / RUN_FILE).write_text(json.dumps({k: v for k, v in run.info.items() if k != "run_dir"}, indent=2))
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(run.model).items()},
+              str(out / ADAPTER_FILE))
+
+
 def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = False, rank: int | None = None) -> Path:
     """Write ``run_dir``'s adapter to ``out`` as ``fmt``; ``rank`` truncates a rank-dynamic adapter (DyLoRA)."""
     if fmt not in FORMATS:
@@ -144,7 +161,7 @@ def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = Fals
     if rank is not None:
         run.method.set_rank(run.model, rank)
     with atomic_dir(out, replace=True) as tmp:  # a kill at any moment leaves no half-written export
-        (export_peft if fmt == "peft" else export_merged)(run, tmp)
+        {"peft": export_peft, "merged": export_merged, "quantized": export_quantized}[fmt](run, tmp)
         (tmp / "README.md").write_text(model_card(run, fmt))
         write_manifest(tmp, {"kind": f"export-{fmt}", "model": OmegaConf.to_container(run.cfg.model),
                              "task": run.info["task"], "label_names": run.info.get("label_names") or [],

@@ -94,6 +94,9 @@ def load_export(folder: Path, manifest: dict[str, Any]) -> tuple[nn.Module, Any]
 
     from petuner.models import auto_model_class, load_model, load_tokenizer
 
+    if manifest["kind"] == "export-quantized":  # a run folder's loadable part
+        loaded = load(folder)
+        return loaded.model, loaded.tokenizer
     model_cfg = OmegaConf.create(manifest["model"])
     if manifest["kind"] == "export-merged":
         model = auto_model_class(manifest["task"]).from_pretrained(str(folder))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import petuner
 import petuner.adapters.lq_lora as lq_module
 from petuner.adapters import adapter_layers, build_adapter, inject
 from petuner.adapters.lq_lora import empirical_fisher
-from petuner.errors import ConfigError
+from petuner.errors import ConfigError, PetunerError
 from petuner.export import export
 from petuner.models import load_model
 from petuner.quant import (
@@ -300,3 +301,20 @@ def test_fisher_run_reloads_with_an_empty_cache_and_its_exports_match(cfg_factor
     reloaded = PeftModel.from_pretrained(base, str(out)).eval()
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - ours).abs().max() <= 1e-5
+    # the quantized export keeps the packed mixed-precision base: moved elsewhere, it loads the same model
+    exported = export(cfg.run_dir, "quantized", tmp_path / "quantized")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(exported, moved)
+    shutil.rmtree(cfg.run_dir)
+    model, _ = petuner.load(moved)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=0, rtol=0)
+    packed = sum(b.numel() for _, layer in adapter_layers(model) for b in layer.base_layer.buffers())
+    dense = sum(layer.in_features * layer.out_features for _, layer in adapter_layers(model))
+    assert packed < dense  # uint8 codes + scales, not dense weights
+    assert not (tmp_path / "empty_cache").exists()
+
+
+def test_quantized_export_needs_a_quantized_base(trained_run, tmp_path) -> None:
+    with pytest.raises(PetunerError, match="has no quantized base: use --format peft or merged"):
+        export(trained_run, "quantized", tmp_path / "out")
