@@ -94,19 +94,22 @@ def test_step_schedule_needs_two_stages() -> None:
         build_adapter(OmegaConf.create({**SORA, "xi_schedule": "step", "xi_steps": 1}))
 
 
-def test_gate_lr_follows_the_main_schedule(tmp_path) -> None:
+def test_gate_lr_follows_the_main_schedule_and_each_xi_stage_trains(tmp_path) -> None:
     """Warmup then cosine decay: the gates' learning rate (and so the threshold) is gate_lr times the main
-    schedule's factor at each step, as in the reference training script."""
+    schedule's factor at each step, as in the reference training script; the step schedule's 3 stages get
+    2 of the 6 steps each, xi_final's included."""
     from tests.conftest import make_cfg
 
     run_dir = tmp_path / "run"
     run(make_cfg(run_dir, "adapter=sora", "adapter.gate_lr=0.05", "optimizer.warmup_steps=2",
-                 "trainer.save_every=null"))
+                 "trainer.save_every=null", "adapter.xi_schedule=step", "adapter.xi=0.1", "adapter.xi_final=0.3",
+                 "adapter.xi_steps=3"))
     logged = [m for m in read_metrics(run_dir) if "sora/gate_lr" in m]
     assert len(logged) == 6
     factors = [m["sora/gate_lr"] / 0.05 for m in logged]
     assert factors == pytest.approx([m["train/lr"] / 1e-2 for m in logged], rel=1e-6)
     assert factors[:3] == pytest.approx([0.0, 0.5, 1.0]) and factors[-1] < 0.2  # warmup from 0, then decay
+    assert [m["sora/xi"] for m in logged] == pytest.approx([0.1, 0.1, 0.2, 0.2, 0.3, 0.3])
 
 
 @pytest.fixture(scope="module")
