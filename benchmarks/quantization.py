@@ -136,6 +136,8 @@ def plot(result: dict[str, Any]) -> None:
     for fisher, marker in ((True, "o"), (False, "s")):
         rows = sorted((r for r in result["rows"] if r["name"].startswith("lq_lora")
                        and ("fisher" in r["name"]) == fisher), key=lambda r: r["quantized_bits"])
+        if not rows:
+            continue
         bits = [r["quantized_bits"] + r["low_rank_bits"] for r in rows]
         label = "LQ-LoRA" + (" (Fisher)" if fisher else "")
         ax.plot(bits, [r["ppl_init"] for r in rows], marker=marker, ls="-", label=f"{label}, at init")
