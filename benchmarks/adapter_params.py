@@ -27,6 +27,7 @@ ROWS = [  # (label, overrides)
     ("block_lora r=8, n_blocks=8", ["adapter=block_lora"]),
     ("block_lora r=8, n_blocks=64", ["adapter=block_lora", "adapter.n_blocks=64"]),
     ("loldu r=8", ["adapter=loldu"]),
+    ("loldu r=8, train_scale", ["adapter=loldu", "adapter.train_scale=true"]),
     ("svfit r=8", ["adapter=svfit"]),
     ("dylora r=8", ["adapter=dylora"]),
     ("sora r=8", ["adapter=sora"]),

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     exp = commands.add_parser("export", help="write a run's adapter as a peft folder or a merged HF model")
     exp.add_argument("run_dir", help="a run folder (adapters/<run>)")
-    exp.add_argument("--format", choices=("peft", "merged"), default="peft")
+    exp.add_argument("--format", choices=("peft", "merged", "quantized"), default="peft")
     exp.add_argument("--out", help="destination folder (default: RUN_DIR/export-FORMAT)")
     exp.add_argument("--force", action="store_true", help="replace a non-empty destination")
     exp.add_argument("--rank", type=int, help="export a rank-dynamic adapter (dylora) truncated to this rank")

@@ -8,27 +8,31 @@ peft format: ``adapter_config.json`` (written by peft's own ``LoraConfig``) and
 as a ``PeftModel`` and saved by peft's ``save_pretrained``.
 Merged: every adapter folded into its base weight, the wrappers removed, saved with
 ``save_pretrained`` alongside the tokenizer, loadable by the matching ``AutoModel`` class without
-petuner. Both are written to a temporary folder first and renamed into place; an existing non-empty
+petuner. Quantized (adapters over a quantized base: qlora, lq_lora): the run's config, its report and
+its adapter state — for LQ-LoRA the packed mixed-precision base Q with it — which ``petuner.load``
+rebuilds without recomputing anything (the merged export would dequantize the base to full precision).
+All are written to a temporary folder first and renamed into place; an existing non-empty
 destination needs ``force``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from petuner.adapters import LoRAFactors, unload
+from petuner.adapters import LoRAFactors, adapter_state_dict, unload
 from petuner.adapters.capabilities import PeftNative, QuantizedBase, RankDynamic
 from petuner.adapters.peft_form import lora_config, lora_state_dict, lora_views
 from petuner.errors import PetunerError
-from petuner.io import atomic_dir, save_tensors
+from petuner.io import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, atomic_dir, save_tensors
 from petuner.manifest import write_manifest
 from petuner.models import load_model
 from petuner.run_folder import LoadedRun, load
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "quantized")
 log = logging.getLogger(__name__)
 
 
@@ -61,6 +65,9 @@ def model_card(run: LoadedRun, fmt: str) -> str:
     if fmt == "peft":
         lines += ["```python", "from peft import PeftModel",
                   "model = PeftModel.from_pretrained(base_model, \"<this folder>\")", "```"]
+    elif fmt == "quantized":
+        lines += ["The quantized base and the adapter, as petuner trained them: `petuner.load(\"<this folder>\")`",
+                  "rebuilds the model from these files alone (no data, no recomputation)."]
     else:
         lines += ["The adapter is merged into the weights: load this folder with the matching transformers",
                   "Auto class (e.g. `AutoModelForCausalLM.from_pretrained(\"<this folder>\")`)."]
@@ -94,6 +101,15 @@ def export_merged(run: LoadedRun, out: Path) -> None:
     run.tokenizer.save_pretrained(str(out))
 
 
+def export_quantized(run: LoadedRun, out: Path) -> None:
+    """Write the run's config, run.json and adapter state (with the quantized base's packed tensors)."""
+    if not isinstance(run.method, QuantizedBase):
+        raise PetunerError(f"adapter={run.cfg.adapter.name} has no quantized base: use --format peft or merged")
+    (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(run.cfg))
+    (out / RUN_FILE).write_text(json.dumps({k: v for k, v in run.info.items() if k != "run_dir"}, indent=2))
+    save_tensors(adapter_state_dict(run.model), out / ADAPTER_FILE)
+
+
 def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = False, rank: int | None = None) -> Path:
     """Write ``run_dir``'s adapter to ``out`` as ``fmt``; ``rank`` truncates a rank-dynamic adapter (DyLoRA)."""
     if fmt not in FORMATS:
@@ -107,7 +123,7 @@ def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = Fals
                                "adapter (dylora)")
         run.method.set_rank(run.model, rank)
     with atomic_dir(out, replace=True) as tmp:  # a kill at any moment leaves no half-written export
-        (export_peft if fmt == "peft" else export_merged)(run, tmp)
+        {"peft": export_peft, "merged": export_merged, "quantized": export_quantized}[fmt](run, tmp)
         (tmp / "README.md").write_text(model_card(run, fmt))
         write_manifest(tmp, {"kind": f"export-{fmt}", "model": OmegaConf.to_container(run.cfg.model),
                              "task": run.info["task"], "label_names": run.info.get("label_names") or [],

@@ -61,10 +61,13 @@ def read_info(run_dir: Path | str) -> dict[str, Any]:
 def build_base_with_adapter(cfg: DictConfig, info: dict[str, Any]) -> tuple[nn.Module, Any]:
     """The run's base model (on CPU) with its adapter injected, weights as initialised."""
     from petuner.adapters import build_adapter, inject
+    from petuner.adapters.capabilities import QuantizedBase
     from petuner.models import load_model
 
     model = load_model(cfg.model, num_labels=len(info.get("label_names") or []) or None)
     method = build_adapter(cfg.adapter)
+    if isinstance(method, QuantizedBase):
+        method.restore(info.get("adapter_report") or {})
     injection = inject(model, method, info["head_modules"])
     if injection.targets != info["targets"]:
         raise PetunerError("the adapter's targets differ from the ones the run trained: the base model changed")
@@ -100,6 +103,9 @@ def load_export(folder: Path, manifest: dict[str, Any]) -> tuple[nn.Module, Any]
 
     from petuner.models import auto_model_class, load_model, load_tokenizer
 
+    if manifest["kind"] == "export-quantized":  # a run folder's loadable part
+        loaded = load(folder)
+        return loaded.model, loaded.tokenizer
     model_cfg = OmegaConf.create(manifest["model"])
     if manifest["kind"] == "export-merged":
         model = auto_model_class(manifest["task"]).from_pretrained(str(folder))

@@ -10,13 +10,15 @@ from peft import PeftModel
 from torch import nn
 
 import petuner
-from petuner.adapters.dylora import DyLoRALinear
+from petuner.adapters.dylora import DyLoRALinear, FrozenComponents, RankDraw
 from petuner.adapters.lora import LoRALinear
+from petuner.errors import PetunerError
 from petuner.export import export
 from petuner.models import load_model
 from petuner.rank_eval import eval_ranks
 from petuner.run import run
 from petuner.run_folder import read_config
+from petuner.train.hooks import TrainState
 from petuner.train.logging import read_metrics
 from tests.helpers import tiny_llama
 
@@ -43,15 +45,71 @@ def test_rank_b_equals_a_rank_b_lora_from_truncated_factors(b: int) -> None:
     torch.testing.assert_close(layer.delta_weight(), plain.delta_weight(), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["frozen", "unfrozen"])
+@pytest.mark.parametrize("mode", ["frozen", "frozen_reference", "unfrozen"])
 def test_frozen_mode_trains_only_component_b_minus_1(mode: str) -> None:
     layer = dylora_layer(mode)
     layer.active_rank, layer.training_step = 4, True
     layer(torch.randn(5, 16)).pow(2).sum().backward()
     rows_with_grad = (layer.lora_A.weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
     cols_with_grad = (layer.lora_B.weight.grad.abs().sum(0) > 0).nonzero().flatten().tolist()
-    expected = [3] if mode == "frozen" else [0, 1, 2, 3]
+    expected = [0, 1, 2, 3] if mode == "unfrozen" else [3]
     assert rows_with_grad == expected and cols_with_grad == expected
+
+
+def adamw_steps(mode: str, ranks: list[int]) -> tuple[list[dict[str, torch.Tensor]], torch.optim.Optimizer]:
+    """Parameters (and AdamW's moments) after each loop-ordered step at the given ranks."""
+    layer = dylora_layer(mode)
+    model = nn.Sequential(layer)
+    hook = RankDraw(model, r=6, weights=None, mode=mode)
+    draws = iter(ranks)
+    hook.draw = lambda: next(draws)
+    optimizer = torch.optim.AdamW(layer.adapter_parameters(), lr=0.1, weight_decay=0.1)
+    state = TrainState(model=model, optimizer=optimizer, max_steps=len(ranks))
+    snapshots = [{"A": layer.lora_A.weight.detach().clone(), "B": layer.lora_B.weight.detach().clone()}]
+    for _ in ranks:
+        hook.before_step(state)
+        model(torch.randn(5, 16)).pow(2).sum().backward()
+        hook.after_backward(state)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        hook.after_optimizer_step(state)
+        moments = optimizer.state[layer.lora_A.weight]
+        snapshots.append({"A": layer.lora_A.weight.detach().clone(), "B": layer.lora_B.weight.detach().clone(),
+                          "m": moments["exp_avg"].clone(), "v": moments["exp_avg_sq"].clone()})
+    return snapshots, optimizer
+
+
+def test_frozen_mode_leaves_other_components_and_their_moments_unchanged_by_adamw() -> None:
+    """A step at b=4 then one at b=2: each step changes only component b-1 (A's row, B's column), though
+    AdamW has momentum and weight decay; the moments of the other rows do not decay either."""
+    init, after_4, after_2 = adamw_steps("frozen", [4, 2])[0]
+    def pick(t: torch.Tensor, dim: int, rows: list[int]) -> torch.Tensor:
+        return t.index_select(dim, torch.tensor(rows))
+
+    for key, dim in (("A", 0), ("B", 1)):
+        assert torch.equal(pick(after_4[key], dim, [0, 1, 2, 4, 5]), pick(init[key], dim, [0, 1, 2, 4, 5]))
+        assert not torch.equal(pick(after_4[key], dim, [3]), pick(init[key], dim, [3]))
+        assert torch.equal(pick(after_2[key], dim, [0, 2, 3, 4, 5]), pick(after_4[key], dim, [0, 2, 3, 4, 5]))
+        assert not torch.equal(pick(after_2[key], dim, [1]), pick(after_4[key], dim, [1]))
+    for moment in ("m", "v"):
+        assert torch.equal(after_2[moment][3], after_4[moment][3])  # row 3's moments did not decay at b=2
+        assert after_4[moment][3].abs().sum() > 0
+
+
+def test_frozen_reference_mode_lets_adamw_move_the_rows_without_gradient() -> None:
+    """The reference code's form (gradient detached only): momentum and weight decay move row 3 at b=2."""
+    _, after_4, after_2 = adamw_steps("frozen_reference", [4, 2])[0]
+    assert not torch.equal(after_2["A"][3], after_4["A"][3])
+    assert not torch.equal(after_2["A"][0], after_4["A"][0])  # weight decay alone
+
+
+def test_frozen_mode_refuses_an_optimizer_whose_state_is_not_per_weight() -> None:
+    layer = dylora_layer("frozen")
+    optimizer = torch.optim.AdamW(layer.adapter_parameters())
+    optimizer.state[layer.lora_A.weight] = {"absmax": torch.ones(3)}
+    with pytest.raises(PetunerError, match="frozen_reference"):
+        FrozenComponents([layer]).save(optimizer)
 
 
 def ranks_drawn(run_dir) -> list[int]:

@@ -13,6 +13,7 @@ from torch import nn
 import petuner
 from petuner.adapters import adapter_layers, build_adapter, inject
 from petuner.adapters.sora import ProximalGateStep, SoRALinear, soft_threshold, xi_at
+from petuner.errors import ConfigError
 from petuner.export import export
 from petuner.models import load_model
 from petuner.run import run
@@ -80,9 +81,35 @@ def test_xi_schedules() -> None:
     cfg = OmegaConf.create({**SORA, "xi": 0.0, "xi_final": 1.0, "xi_steps": 4})
     assert [xi_at(cfg, s, 100) for s in (0, 50, 100)] == [0.0, 0.0, 0.0]
     cfg.xi_schedule = "linear"
-    assert [xi_at(cfg, s, 100) for s in (0, 50, 100)] == [0.0, 0.5, 1.0]
+    assert [xi_at(cfg, s, 101) for s in (0, 50, 100)] == [0.0, 0.5, 1.0]  # the last step trains at xi_final
     cfg.xi_schedule = "step"
-    assert [xi_at(cfg, s, 100) for s in (0, 24, 25, 60, 100)] == [0.0, 0.0, 0.25, 0.5, 1.0]
+    xis = [xi_at(cfg, s, 100) for s in range(100)]  # every step index of a 100-step run
+    assert sorted(set(xis)) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    assert all(xis.count(x) == 25 for x in set(xis))  # four equal stages, xi_final's included
+    assert xis == sorted(xis) and xis[-25:] == [1.0] * 25
+
+
+def test_step_schedule_needs_two_stages() -> None:
+    with pytest.raises(ConfigError, match="xi_steps=1"):
+        build_adapter(OmegaConf.create({**SORA, "xi_schedule": "step", "xi_steps": 1}))
+
+
+def test_gate_lr_follows_the_main_schedule_and_each_xi_stage_trains(tmp_path) -> None:
+    """Warmup then cosine decay: the gates' learning rate (and so the threshold) is gate_lr times the main
+    schedule's factor at each step, as in the reference training script; the step schedule's 3 stages get
+    2 of the 6 steps each, xi_final's included."""
+    from tests.conftest import make_cfg
+
+    run_dir = tmp_path / "run"
+    run(make_cfg(run_dir, "adapter=sora", "adapter.gate_lr=0.05", "optimizer.warmup_steps=2",
+                 "trainer.save_every=null", "adapter.xi_schedule=step", "adapter.xi=0.1", "adapter.xi_final=0.3",
+                 "adapter.xi_steps=3"))
+    logged = [m for m in read_metrics(run_dir) if "sora/gate_lr" in m]
+    assert len(logged) == 6
+    factors = [m["sora/gate_lr"] / 0.05 for m in logged]
+    assert factors == pytest.approx([m["train/lr"] / 1e-2 for m in logged], rel=1e-6)
+    assert factors[:3] == pytest.approx([0.0, 0.5, 1.0]) and factors[-1] < 0.2  # warmup from 0, then decay
+    assert [m["sora/xi"] for m in logged] == pytest.approx([0.1, 0.1, 0.2, 0.2, 0.3, 0.3])
 
 
 @pytest.fixture(scope="module")

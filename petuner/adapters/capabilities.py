@@ -58,6 +58,10 @@ class QuantizedBase(ABC):
     def report(self) -> dict[str, Any]:
         """What the quantization decided, for run.json (bits per parameter, per-matrix configs)."""
 
+    def restore(self, report: dict[str, Any]) -> None:  # noqa: B027 (optional: most methods decide nothing)
+        """Before injection when a run is loaded: take what ``report`` said in training instead of deciding
+        again (LQ-LoRA builds its saved per-matrix configs rather than recomputing them)."""
+
 
 class PeftNative(ABC):
     """A method living in peft's own layers (``adapter=peft``): peft itself writes its export."""

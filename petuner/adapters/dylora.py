@@ -2,8 +2,18 @@
 
 Each optimizer step draws one rank b (shared by all layers) and runs the forward with A[:b], B[:, :b]
 at scale alpha/b — the scale a rank-b LoRA with the same alpha has; a wrong scale silently ruins the
-low ranks. In ``frozen`` mode (the paper's default) components 0..b-2 are detached, so only component
-b-1 receives gradient that step; ``unfrozen`` trains all of [:b]. Outside training steps every layer
+low ranks. Modes:
+
+- ``frozen`` (the paper's): only component b-1 (row b-1 of A, column b-1 of B) is updated that step.
+  Components 0..b-2 are detached, and because a zero gradient is not a frozen parameter (AdamW's
+  momentum and weight decay still move a row without gradient), every other component and its
+  optimizer state (Adam's moments) are put back after the optimizer step: they are exactly unchanged.
+  Adam's step count is per tensor, so a row's bias correction counts every step, trained or not.
+- ``frozen_reference``: the reference code's form: components 0..b-2 detached, nothing put back, so the
+  optimizer's momentum and weight decay still move every row.
+- ``unfrozen``: all of [:b] get gradient (the optimizer moves the rest as in ``frozen_reference``).
+
+Outside training steps every layer
 runs at full rank r unless ``set_rank`` chose another; a rank-b truncation is a plain rank-b LoRA
 (``lora_view``), which is how it exports.
 
@@ -28,11 +38,12 @@ from petuner.adapters.base import (
 from petuner.adapters.capabilities import RankDynamic
 from petuner.adapters.lora import LoRACoreSchema, LoRALinear, LoRAShaped
 from petuner.adapters.registry import register_adapter
-from petuner.errors import ConfigError
+from petuner.errors import ConfigError, PetunerError
 from petuner.schema import choice, flag
 from petuner.train.hooks import Hook, TrainState
 
-MODES = ("frozen", "unfrozen")
+MODES = ("frozen", "frozen_reference", "unfrozen")
+DETACHED_MODES = ("frozen", "frozen_reference")
 
 
 class DyLoRALinear(LoRALinear):
@@ -54,10 +65,10 @@ class DyLoRALinear(LoRALinear):
         pass
 
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A[:b] and B[:, :b] at the active rank b; in frozen training mode only row/column b-1 is live."""
+        """A[:b] and B[:, :b] at the active rank b; in the frozen modes' training steps only row/column b-1 is live."""
         b = self.active_rank
         a, bm = self.lora_A.weight[:b], self.lora_B.weight[:, :b]
-        if self.mode == "frozen" and self.training_step and b > 1:
+        if self.mode in DETACHED_MODES and self.training_step and b > 1:
             a = torch.cat([a[:-1].detach(), a[-1:]], dim=0)
             bm = torch.cat([bm[:, :-1].detach(), bm[:, -1:]], dim=1)
         return a, bm
@@ -78,15 +89,20 @@ class DyLoRALinear(LoRALinear):
 
 
 class RankDraw(Hook):
-    """Draws the step's rank before its forward passes; restores full rank after the optimizer step."""
+    """Draws the step's rank before its forward passes; restores full rank after the optimizer step.
 
-    def __init__(self, model: nn.Module, r: int, weights: Sequence[float] | None) -> None:
+    In ``frozen`` mode it also keeps every component but b-1 exactly as it was (``FrozenComponents``).
+    """
+
+    def __init__(self, model: nn.Module, r: int, weights: Sequence[float] | None, mode: str) -> None:
         self.model = model
         self.layers = [layer for _, layer in adapter_layers(model) if isinstance(layer, DyLoRALinear)]
         self.r = r
         self.weights = torch.tensor(weights if weights is not None else [1.0] * r, dtype=torch.float64)
         seed = int(torch.randint(0, 2**62, (1,)).item())  # from the run's seeded global RNG
         self.generator = torch.Generator().manual_seed(seed)
+        self.frozen = FrozenComponents(self.layers) if mode == "frozen" else None
+        self.rank = r
 
     def draw(self) -> int:
         return int(torch.multinomial(self.weights, 1, generator=self.generator).item()) + 1
@@ -97,11 +113,17 @@ class RankDraw(Hook):
             layer.training_step = training_step
 
     def before_step(self, state: TrainState) -> None:
-        rank = self.draw()
-        self.set_layers(rank, training_step=True)
-        state.metrics["dylora/rank"] = rank
+        self.rank = self.draw()
+        self.set_layers(self.rank, training_step=True)
+        state.metrics["dylora/rank"] = self.rank
+
+    def after_backward(self, state: TrainState) -> None:
+        if self.frozen is not None:
+            self.frozen.save(state.optimizer)
 
     def after_optimizer_step(self, state: TrainState) -> None:
+        if self.frozen is not None:
+            self.frozen.restore(state.optimizer, trained=self.rank - 1)
         self.set_layers(self.r, training_step=False)
 
     def state_dict(self) -> dict[str, Any]:
@@ -109,6 +131,51 @@ class RankDraw(Hook):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+
+
+class FrozenComponents:
+    """Puts every component but the trained one back after the optimizer step, with its optimizer state.
+
+    Detaching components 0..b-2 only zeroes their gradient; AdamW's momentum and weight decay would still
+    move them (and decay their moments). Saving A's rows and B's columns (and every optimizer state tensor
+    shaped like them) before the step and writing all but index b-1 back after it leaves them exactly
+    unchanged, whatever the optimizer, as long as its state is per element.
+    """
+
+    def __init__(self, layers: Sequence[DyLoRALinear]) -> None:
+        # (parameter, the dimension indexing its components): A's rows, B's columns
+        self.params = [(p, dim) for layer in layers for p, dim in ((layer.lora_A.weight, 0), (layer.lora_B.weight, 1))]
+        self.saved: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+
+    @torch.no_grad()
+    def save(self, optimizer: torch.optim.Optimizer) -> None:
+        self.saved = [(p.detach().clone(), {k: v.clone() for k, v in self.state_of(optimizer, p).items()})
+                      for p, _ in self.params]
+
+    @torch.no_grad()
+    def restore(self, optimizer: torch.optim.Optimizer, trained: int) -> None:
+        for (p, dim), (value, moments) in zip(self.params, self.saved, strict=True):
+            keep = torch.ones(p.shape[dim], dtype=torch.bool, device=p.device)
+            keep[trained] = False
+            state = self.state_of(optimizer, p)
+            for target, source in ((p, value), *((state[k], v) for k, v in moments.items() if k in state)):
+                if dim == 0:
+                    target[keep] = source[keep]
+                else:
+                    target[:, keep] = source[:, keep]
+        self.saved = []
+
+    @staticmethod
+    def state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The optimizer's per-element state tensors of ``p``; an error for state that is not per element."""
+        state = {k: v for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v) and v.numel() > 1}
+        for key, value in state.items():
+            if value.shape != p.shape:
+                raise PetunerError(f"adapter.mode=frozen: the optimizer's state {key!r} {tuple(value.shape)} is not "
+                                   f"one value per weight {tuple(p.shape)}, so the rows of other ranks cannot be "
+                                   "kept unchanged; use an optimizer with per-element state (adamw, sgd) or "
+                                   "adapter.mode=frozen_reference")
+        return state
 
 
 class RankSweepOnEval(Hook):
@@ -153,7 +220,7 @@ class DyLoRA(LoRAShaped, RankDynamic):
         return DyLoRALinear(base_layer, r=c.r, alpha=c.alpha, dropout=c.dropout, mode=c.mode)
 
     def hooks(self, model: nn.Module) -> list[Hook]:
-        hooks: list[Hook] = [RankDraw(model, self.cfg.r, self.cfg.rank_weights)]
+        hooks: list[Hook] = [RankDraw(model, self.cfg.r, self.cfg.rank_weights, self.cfg.mode)]
         if self.cfg.eval_all_ranks:
             hooks.append(RankSweepOnEval(self, model))
         return hooks

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from petuner.adapters.base import LoRAFactors, adapter_layers
-from petuner.adapters.inject import adapter_state_dict
+from petuner.adapters.inject import trainable_parameters
 
 PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
 PEFT_PREFIX = "base_model.model."
@@ -53,7 +53,7 @@ def lora_state_dict(model: nn.Module, factors: dict[str, LoRAFactors]) -> dict[s
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora.B
         state.update({f"{PEFT_PREFIX}{name}.{key}": tensor for key, tensor in lora.extra.items()})
     own = tuple(f"{name}." for name, _ in adapter_layers(model))
-    for key, tensor in adapter_state_dict(model).items():
+    for key, tensor in trainable_parameters(model).items():  # not the layers' buffers (LQ-LoRA's packed Q)
         if not key.startswith(own) or ".base_layer." in key:
-            state[PEFT_PREFIX + key] = tensor
+            state[PEFT_PREFIX + key] = tensor.detach()
     return state

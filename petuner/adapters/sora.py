@@ -3,8 +3,9 @@
     y = W x + s · B (g ⊙ (A x)),   g ∈ R^r,   s = alpha / r
 
 The gate g is excluded from the main optimizer (and so from weight decay); after every optimizer
-step a hook updates it on its own: a gradient step (SGD or Adam at ``gate_lr``), then the textbook
-proximal operator of an L1 penalty ξ‖g‖₁, the soft-threshold g ← sign(g)·max(|g| − gate_lr·ξ, 0).
+step a hook updates it on its own: a gradient step (SGD or Adam at ``gate_lr`` times the main schedule's
+factor, so the gates warm up and decay with the rest as in the reference training script), then the textbook
+proximal operator of an L1 penalty ξ‖g‖₁, the soft-threshold g ← sign(g)·max(|g| − lr·ξ, 0).
 The reference code instead applies three masked updates in sequence (zeroing every |g| < 2ξ) and
 does not scale ξ by the learning rate; with the textbook operator, ξ is the L1 weight itself, so
 useful values are larger than the reference script's (e.g. ξ ≈ 0.1–1 with gate_lr ≈ 1e-3..1e-2).
@@ -18,7 +19,6 @@ outputs as the gated model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,6 +33,7 @@ from petuner.adapters.base import (
 from petuner.adapters.capabilities import OwnsOptimizerParameters
 from petuner.adapters.lora import LoRACoreSchema, LoRALinear, LoRAShaped
 from petuner.adapters.registry import register_adapter
+from petuner.errors import ConfigError
 from petuner.io import atomic_write_json, atomic_write_text
 from petuner.report import markdown_table
 from petuner.schema import choice, number
@@ -72,18 +73,35 @@ class SoRALinear(LoRALinear):
                            scaling=self.scaling)
 
 
-def xi_at(cfg: Any, step: int, max_steps: int) -> float:
-    """The sparsity weight ξ at ``step``: constant, or rising from xi to xi_final (linearly or in stairs)."""
+def xi_at(cfg: Any, index: int, max_steps: int) -> float:
+    """The sparsity weight ξ of the step with 0-based ``index``: constant, or rising from xi to xi_final.
+
+    ``linear`` reaches xi_final at the last step; ``step`` splits training into xi_steps equal stages
+    xi, …, xi_final, so that every stage, the last included, trains for max_steps / xi_steps steps.
+    """
     if cfg.xi_schedule == "constant":
         return float(cfg.xi)
-    progress = step / max(max_steps, 1)
     if cfg.xi_schedule == "step":
-        progress = math.floor(progress * cfg.xi_steps) / cfg.xi_steps
+        stage = min(index * cfg.xi_steps // max(max_steps, 1), cfg.xi_steps - 1)
+        progress = stage / (cfg.xi_steps - 1)
+    else:
+        progress = min(index / max(max_steps - 1, 1), 1.0)
     return float(cfg.xi + (cfg.xi_final - cfg.xi) * progress)
 
 
+def schedule_factor(optimizer: torch.optim.Optimizer | None) -> float:
+    """The main schedule's current multiplier (lr / initial lr of the main optimizer's first group), so
+    the gates warm up and decay with everything else, as in the reference training script."""
+    if optimizer is None:
+        return 1.0
+    group = optimizer.param_groups[0]
+    initial = group.get("initial_lr")
+    return float(group["lr"]) / float(initial) if initial else 1.0
+
+
 class ProximalGateStep(Hook):
-    """The gates' own optimizer: a gradient step, then soft-thresholding by gate_lr·ξ."""
+    """The gates' own optimizer: a gradient step at gate_lr·(the main schedule's factor at this step), then
+    soft-thresholding by that learning rate times ξ."""
 
     def __init__(self, cfg: Any, model: nn.Module) -> None:
         self.cfg = cfg
@@ -92,6 +110,10 @@ class ProximalGateStep(Hook):
         optimizer = torch.optim.SGD if cfg.gate_optimizer == "sgd" else torch.optim.Adam
         self.optimizer = optimizer(gates, lr=cfg.gate_lr)
         self.curve: list[dict[str, float]] = []
+        self.lr_factor = 1.0
+
+    def after_backward(self, state: TrainState) -> None:
+        self.lr_factor = schedule_factor(state.optimizer)  # before the scheduler moves on to the next step
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]  # the loop unscales the gates' gradients under fp16 loss scaling
@@ -99,13 +121,17 @@ class ProximalGateStep(Hook):
     def after_optimizer_step(self, state: TrainState) -> None:
         if state.skip_update:  # a non-finite or scaler-overflowing step: the gates do not move either
             return
-        xi = xi_at(self.cfg, state.step, state.max_steps)
+        xi = xi_at(self.cfg, state.step - 1, state.max_steps)
+        lr = self.cfg.gate_lr * self.lr_factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for layer in self.layers:
-                layer.gate.copy_(soft_threshold(layer.gate, self.cfg.gate_lr * xi))
+                layer.gate.copy_(soft_threshold(layer.gate, lr * xi))
         state.metrics["sora/xi"] = xi
+        state.metrics["sora/gate_lr"] = lr
 
     def nonzero_ranks(self) -> int:
         return sum(layer.nonzero_ranks() for layer in self.layers)
@@ -117,7 +143,7 @@ class ProximalGateStep(Hook):
         metrics["sora/nonzero_ranks"] = self.nonzero_ranks()
         metrics["sora/retained_parameters"] = self.retained_parameters()
         self.curve = [p for p in self.curve if p["step"] < state.step]
-        self.curve.append({"step": state.step, "xi": xi_at(self.cfg, state.step, state.max_steps),
+        self.curve.append({"step": state.step, "xi": xi_at(self.cfg, max(state.step - 1, 0), state.max_steps),
                            "total_ranks": self.cfg.r * len(self.layers), **metrics})
         if state.run_dir is not None:
             self.write_curve(state)
@@ -155,6 +181,13 @@ class SoRASchema(LoRACoreSchema):
 class SoRA(LoRAShaped, OwnsOptimizerParameters):
     name = "sora"
     schema: ClassVar[type[AdapterSchema]] = SoRASchema
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        c = self.cfg
+        if c.xi_schedule == "step" and c.xi_steps < 2:
+            raise ConfigError(f"adapter.xi_steps={c.xi_steps!r}: the step schedule needs at least 2 stages "
+                              "(xi, then xi_final); use xi_schedule=constant for one")
 
     def make_layer(self, base_layer: nn.Linear) -> SoRALinear:
         c = self.cfg

@@ -1,9 +1,11 @@
 """LQ-LoRA's decomposition (Guo et al., ICLR 2024): W ≈ Q + L1·L2, Q quantized, L1·L2 of rank r.
 
 Alternate: L1·L2 = rank-r SVD of W − Q, then Q = quantize(W − L1·L2); stop when the error stops
-falling and keep the BEST iterate (the reference code keeps the last one). With a diagonal Fisher F,
-the SVD and the error are weighted: rows by sqrt(mean_j F_ij), columns by sqrt(mean_i F_ij), i.e.
-error = ‖D_r (W − Q − L1 L2) D_c‖²_F, and the SVD is of D_r R D_c, unweighted afterwards.
+falling and keep the BEST iterate (the reference code keeps the last one). With a diagonal Fisher F
+(one value per weight), the error is the full-diagonal weighted one, ‖√F ⊙ (W − Q − L1 L2)‖²_F: it is
+what the stopping rule and the bit allocation compare. Only the SVD uses the paper's row/column
+reduction of F (a weighted SVD has no closed form for an arbitrary diagonal): rows weighted by
+sqrt(mean_j F_ij), columns by sqrt(mean_i F_ij), the SVD taken of D_r R D_c and unweighted afterwards.
 The SVD is ``torch.svd_lowrank`` under a fixed seed, so a decomposition is reproducible (and cacheable).
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from petuner.quant.nf import NFQuantized, round_nf
+from petuner.quant.nf import ABSMAX_GROUP, NFQuantized, round_nf
 
 SVD_OVERSAMPLE = 8
 SVD_POWER_ITERATIONS = 4
@@ -26,7 +28,7 @@ class Decomposition:
     q: NFQuantized
     L1: torch.Tensor  # out × r
     L2: torch.Tensor  # r × in
-    errors: list[float]  # the (weighted) squared error of every iterate computed
+    errors: list[float]  # the (Fisher-weighted) squared error of every iterate computed
     best: int  # index of the kept iterate
 
     @property
@@ -34,11 +36,10 @@ class Decomposition:
         return self.errors[self.best]
 
 
-def weighted_error(residual: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None) -> float:
-    """‖D_r R D_c‖²_F (plain squared Frobenius norm without weights)."""
-    if row is not None and col is not None:
-        residual = residual * row[:, None] * col[None, :]
-    return float(residual.double().pow(2).sum())
+def weighted_error(residual: torch.Tensor, fisher: torch.Tensor | None = None) -> float:
+    """‖√F ⊙ R‖²_F = Σ F R² (the plain squared Frobenius norm without a Fisher)."""
+    squared = residual.double().square()
+    return float((squared * fisher.double()).sum() if fisher is not None else squared.sum())
 
 
 @contextlib.contextmanager
@@ -69,18 +70,22 @@ def low_rank(residual: torch.Tensor, rank: int, row: torch.Tensor | None = None,
 
 
 def lq_decompose(weight: torch.Tensor, rank: int, bits: int, block_size: int, iterations: int,
-                 row: torch.Tensor | None = None, col: torch.Tensor | None = None) -> Decomposition:
-    """The iterative low-rank + quantized decomposition of one matrix; returns the best iterate."""
+                 fisher: torch.Tensor | None = None, group_size: int = ABSMAX_GROUP) -> Decomposition:
+    """The iterative low-rank + quantized decomposition of one matrix; returns the best iterate.
+
+    ``fisher``: the diagonal Fisher of ``weight`` (same shape), or None for the unweighted problem.
+    """
     w = weight.detach().float()
+    row, col = fisher_weights(fisher) if fisher is not None else (None, None)
     q_dense = torch.zeros_like(w)
     errors: list[float] = []
     best = None
     for step in range(iterations):
         l1, l2 = low_rank(w - q_dense, rank, row, col)
         low = l1 @ l2
-        rounded = round_nf(w - low, bits, block_size)
+        rounded = round_nf(w - low, bits, block_size, group_size)
         q_dense = rounded.dense
-        errors.append(weighted_error(w - q_dense - low, row, col))
+        errors.append(weighted_error(w - q_dense - low, fisher))
         if best is None or errors[-1] < errors[best[0]]:
             best = (step, rounded, l1, l2)
         elif errors[-1] >= errors[-2]:
@@ -91,7 +96,8 @@ def lq_decompose(weight: torch.Tensor, rank: int, bits: int, block_size: int, it
 
 
 def fisher_weights(fisher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column weights sqrt(mean_j F), sqrt(mean_i F), floored so none is zero."""
+    """Row and column weights sqrt(mean_j F), sqrt(mean_i F) for the weighted SVD, floored so none is zero."""
+    fisher = fisher.float()
     row, col = fisher.mean(1).sqrt(), fisher.mean(0).sqrt()
     floor = 1e-6 * max(float(row.mean()), float(col.mean()), 1e-30)
     return row.clamp_min(floor), col.clamp_min(floor)
