@@ -7,6 +7,7 @@ model from a config dict instead, so tests get a reproducible tiny model in mill
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from petuner.errors import ConfigError, PetunerError
 
 TASKS = ("causal_lm", "seq_cls")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 # Heads that a sequence-classification model creates fresh: they always train (peft: modules_to_save).
 SEQ_CLS_HEADS = ("classifier", "score")
 
@@ -78,12 +80,23 @@ def model_config(cfg: DictConfig, num_labels: int | None = None) -> Any:
                                       **extra)
 
 
+def attn_implementation(cfg: DictConfig) -> str:
+    """model.attn_implementation; runs saved before the key existed used transformers' default, sdpa."""
+    return cfg.get("attn_implementation", "sdpa")
+
+
 def check_model_cfg(cfg: DictConfig) -> None:
     if cfg.task not in TASKS:
         raise ConfigError(f"model.task={cfg.task!r}: allowed: {', '.join(TASKS)}")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.dtype!r}: allowed: {', '.join(DTYPES)}")
     check_flag(cfg, "trust_remote_code", "model")  # a string such as "no" must not read as true
+    attention = attn_implementation(cfg)
+    if attention not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation={attention!r}: allowed: {', '.join(ATTENTION)}")
+    if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA only); "
+                          "use sdpa")
 
 
 def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = False) -> nn.Module:
@@ -91,7 +104,7 @@ def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = F
     check_model_cfg(cfg)
     auto = auto_model_class(cfg.task)
     config = model_config(cfg, num_labels)
-    dtype = DTYPES[cfg.dtype]
+    dtype, attention = DTYPES[cfg.dtype], {"attn_implementation": attn_implementation(cfg)}
     if meta:
         with torch.device("meta"):
             return auto.from_config(config, dtype=dtype)
@@ -100,9 +113,9 @@ def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = F
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.init_seed))
         if cfg.get("random_init"):
-            model = auto.from_config(config, dtype=dtype)
+            model = auto.from_config(config, dtype=dtype, **attention)
         else:
-            model = auto.from_pretrained(model_source(cfg), config=config, dtype=dtype,
+            model = auto.from_pretrained(model_source(cfg), config=config, dtype=dtype, **attention,
                                          trust_remote_code=bool(cfg.trust_remote_code))
     return model
 

@@ -20,6 +20,7 @@ from petuner import __version__
 from petuner.adapters import adapter_state_dict, build_adapter, inject
 from petuner.config import validate
 from petuner.data import build_data, check_data_cfg
+from petuner.data.packing import attend_within_examples, pack_bundle
 from petuner.errors import PetunerError
 from petuner.io import atomic_file, atomic_write_json, atomic_write_text
 from petuner.manifest import write_manifest
@@ -96,8 +97,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg.data, tokenizer, cfg.model.task)
+    if cfg.data.packing:
+        data = pack_bundle(data, tokenizer, cfg.data.max_length, cfg.data.split_seed)
 
     model = load_model(cfg.model, data.num_labels)
+    if cfg.data.packing:
+        attend_within_examples(model)
     method.prepare(model, calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size))
     seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
     injection = inject(model, method, heads)

@@ -13,8 +13,9 @@ import datasets
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-from petuner.checks import check_number
+from petuner.checks import check_flag, check_number
 from petuner.data import classification, sft, text
+from petuner.data.packing import PACKABLE_KINDS
 from petuner.data.sources import read_rows
 from petuner.errors import ConfigError, PetunerError
 
@@ -57,6 +58,9 @@ def check_data_cfg(cfg: Any, task: str | None = None, context: int | None = None
         raise ConfigError(f"data.eval_size={size!r}: a fraction in (0, 1) or a count >= 1")
     if cfg.kind != "auto" and task is not None and TASK_OF_KIND[cfg.kind] != task:
         raise ConfigError(f"data.kind={cfg.kind} needs a {TASK_OF_KIND[cfg.kind]} model, but model.task={task}")
+    check_flag(cfg, "packing", "data")
+    if cfg.packing and cfg.kind not in ("auto", *PACKABLE_KINDS):
+        raise ConfigError(f"data.packing=true packs {', '.join(PACKABLE_KINDS)} examples, not data.kind={cfg.kind}")
 
 
 def _check_columns(rows: list[dict[str, Any]], kind: str, where: str) -> None:
