@@ -33,6 +33,7 @@ def check_trainer_cfg(cfg: Any) -> None:
     for key in ("seed", "num_workers"):
         check_number(cfg, key, "trainer", strict=False, integer=True)
     check_number(cfg, "max_grad_norm", "trainer", optional=True)
+    check_number(cfg, "loss_chunk", "trainer", low=1, strict=False, integer=True, optional=True)
     if cfg.precision not in ("auto", *PRECISIONS):
         raise ConfigError(f"trainer.precision={cfg.precision!r}: allowed: auto, {', '.join(PRECISIONS)}")
     if cfg.on_nonfinite not in ACTIONS:

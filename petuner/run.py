@@ -112,8 +112,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model.to(device)
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
-    if cfg.trainer.labelled_logits and cfg.model.task == "causal_lm":
-        keep_labelled_logits(model)
+    if (cfg.trainer.labelled_logits or cfg.trainer.loss_chunk) and cfg.model.task == "causal_lm":
+        keep_labelled_logits(model, cfg.trainer.labelled_logits, cfg.trainer.loss_chunk)
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
