@@ -38,7 +38,7 @@ def check_trainer_cfg(cfg: Any) -> None:
         raise ConfigError(f"trainer.precision={cfg.precision!r}: allowed: auto, {', '.join(PRECISIONS)}")
     if cfg.on_nonfinite not in ACTIONS:
         raise ConfigError(f"trainer.on_nonfinite={cfg.on_nonfinite!r}: allowed: {', '.join(ACTIONS)}")
-    for key in ("resume", "labelled_logits", "gradient_checkpointing"):
+    for key in ("resume", "labelled_logits", "gradient_checkpointing", "compile"):
         check_flag(cfg, key, "trainer")
 
 

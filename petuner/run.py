@@ -28,6 +28,7 @@ from petuner.models import context_length, head_modules, load_model, load_tokeni
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, read_config
 from petuner.train.checkpoint import latest_checkpoint, load_checkpoint, save_tensors
+from petuner.train.compile import compile_model
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
 from petuner.train.guard import NonFiniteGuard
 from petuner.train.labelled_logits import keep_labelled_logits
@@ -116,6 +117,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         keep_labelled_logits(model, cfg.trainer.labelled_logits, cfg.trainer.loss_chunk)
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.trainer.compile:
+        compile_model(model)
 
     optimizer = build_optimizer(model, cfg.optimizer, device, exclude=method.own_optimizer_parameters(model))
     info: dict[str, Any] = {
