@@ -209,6 +209,7 @@ def child(contender: str, model: str, dropout: float, steps: int, *extra: str) -
     import transformers
     from memory_phases import PhasePeaks
 
+    import petuner.data
     import petuner.models
     import petuner.run
     from petuner.train.loop import Loop
@@ -221,6 +222,7 @@ def child(contender: str, model: str, dropout: float, steps: int, *extra: str) -
         phases.wrap(Loop, "train", "training")
     else:
         phases.wrap(petuner.models, "load_model", "load model")
+        phases.wrap(petuner.data, "build_data", "data")
         phases.wrap(peft, "get_peft_model", "adapter")
         phases.wrap(transformers.Trainer, "train", "training")
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,7 +234,8 @@ def child(contender: str, model: str, dropout: float, steps: int, *extra: str) -
             result = run_peft_torch(cfg)
         else:
             result = run_peft_trainer(cfg, Path(tmp) / "trainer")
-    return {**result, "phase_peak_bytes": phases.finish()}
+    peaks = phases.finish()  # resetting the high-water mark also resets ru_maxrss: the peak is the phases' largest
+    return {**result, "peak_bytes": max(peaks.values()), "phase_peak_bytes": peaks}
 
 
 # --- the benchmark (parent process) ---------------------------------------------------------------
