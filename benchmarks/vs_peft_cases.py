@@ -1,6 +1,7 @@
 """The ``--case`` comparisons of ``vs_peft.py``: petuner against peft + transformers' Trainer on other batches.
 
-- ``labelled``: fully labelled plain-text rows (bbc_text, 4 × 256 tokens, LoRA r=8 on q/k/v/o, dropout 0,
+- ``labelled``: fully labelled plain-text rows (bbc_text, 4 × 256 tokens, evaluation batches of 16 as by default,
+  LoRA r=8 on q/k/v/o, dropout 0,
   constant schedule): every position carries a label, so labelled logits save nothing.
 - ``packed``: chatterbot SFT, batch 8, max length 256: petuner with ``data.packing=true`` against petuner
   unpacked and peft + Trainer on padded batches; compared by real (non-padding) tokens/s, since a packed
@@ -29,7 +30,7 @@ LORA_QKVO = ("adapter.target_modules=[q_proj,k_proj,v_proj,o_proj]", "adapter.dr
 CASES: dict[str, dict[str, Any]] = {
     "labelled": {"title": "fully labelled plain-text rows: bbc_text, 4 × 256 tokens",
                  "overrides": ("data=bbc_text", "data.max_length=256", "trainer.batch_size=4",
-                               "optimizer.schedule=constant", *LORA_QKVO),
+                               "trainer.eval_batch_size=16", "optimizer.schedule=constant", *LORA_QKVO),
                  "contenders": {"petuner": (), "peft+Trainer": ()}, "steps": 6, "rate": "step"},
     "packed": {"title": "chatterbot SFT, batch 8, max length 256",
                "overrides": ("data=chatterbot", "data.max_length=256", "trainer.batch_size=8", *LORA_QKVO),
