@@ -39,7 +39,7 @@ class LabelledLogits:
         self.selected = False                      # the output layer did get the selected positions
         self.fallback = model.loss_function        # transformers' own loss, for anything else
         self.labelled, self.chunk = labelled, chunk
-        self.head_forward = head.forward
+        self.head, self.head_forward = head, head.forward
         model.register_forward_pre_hook(self.see_labels, with_kwargs=True)
         model.register_forward_hook(self.forget, always_call=True)
         head.register_forward_pre_hook(self.select)
@@ -72,7 +72,7 @@ class LabelledLogits:
         if total is None:
             total = (self.targets != IGNORE).sum()
         if self.chunk:  # ``logits`` are the selected hidden states
-            return chunked_cross_entropy(self.head_forward, logits, self.targets, self.chunk) / total
+            return chunked_cross_entropy(self.head, self.head_forward, logits, self.targets, self.chunk) / total
         return F.cross_entropy(logits.float(), self.targets, ignore_index=IGNORE, reduction="sum") / total
 
     def forget(self, module: nn.Module, args: tuple, output: Any) -> Any:
