@@ -35,7 +35,7 @@ CASES: dict[str, dict[str, Any]] = {
     "packed": {"title": "chatterbot SFT, batch 8, max length 256",
                "overrides": ("data=chatterbot", "data.max_length=256", "trainer.batch_size=8", *LORA_QKVO),
                "contenders": {"petuner-packed": ("data.packing=true",), "petuner": (), "peft+Trainer": ()},
-               "steps": 5, "rate": "tokens"},
+               "steps": 4, "rate": "tokens"},
     "long": {"title": "4 × 1024-token bbc_text rows",
              "overrides": ("data=bbc_text", "data.max_length=1024", "trainer.batch_size=4", "trainer.eval_batch_size=4",
                            "optimizer.schedule=constant", *LORA_QKVO),
