@@ -6,8 +6,8 @@
 - ``packed``: chatterbot SFT, batch 8, max length 256: petuner with ``data.packing=true`` against petuner
   unpacked and peft + Trainer on padded batches; compared by real (non-padding) tokens/s, since a packed
   step holds more examples than a padded one.
-- ``long``: 4 × 1024-token bbc_text rows, where the logits are the largest tensor: peak memory, also
-  against petuner without the chunked loss (``trainer.loss_chunk=null``).
+- ``long``: 4 × 1024-token bbc_text rows, where the logits are the largest tensor: peak memory, petuner
+  with the chunked loss (``trainer.loss_chunk=1024``) against petuner without it and peft + Trainer.
 
 Contenders run as separate processes, interleaved (repeat 1 runs each once, then repeat 2...). Peak memory
 is the process's peak RSS (CUDA: max allocated), with a breakdown by phase (``memory_phases.py``).
@@ -39,7 +39,7 @@ CASES: dict[str, dict[str, Any]] = {
     "long": {"title": "4 × 1024-token bbc_text rows",
              "overrides": ("data=bbc_text", "data.max_length=1024", "trainer.batch_size=4", "trainer.eval_batch_size=4",
                            "optimizer.schedule=constant", *LORA_QKVO),
-             "contenders": {"petuner": (), "petuner-unchunked": ("trainer.loss_chunk=null",), "peft+Trainer": ()},
+             "contenders": {"petuner-chunked": ("trainer.loss_chunk=1024",), "petuner": (), "peft+Trainer": ()},
              "steps": 2, "rate": "step"},
 }
 MODEL = "smollm2_135m"
