@@ -26,6 +26,9 @@ the base model's loss on the same first batch (LoRA's B starts at zero), so equa
 contenders did the same work. Writes benchmarks/results/vs_peft.{json,md,png}.
 
     .venv/bin/python benchmarks/vs_peft.py   # the defaults are what the committed results ran
+
+``--case labelled|packed|long`` runs the other comparisons (fully labelled rows, packed SFT, long rows;
+``benchmarks/vs_peft_cases.py``), each with a per-phase peak-memory breakdown (``memory_phases.py``).
 """
 
 from __future__ import annotations
