@@ -26,6 +26,9 @@ the base model's loss on the same first batch (LoRA's B starts at zero), so equa
 contenders did the same work. Writes benchmarks/results/vs_peft.{json,md,png}.
 
     .venv/bin/python benchmarks/vs_peft.py   # the defaults are what the committed results ran
+
+``--case labelled|packed|long`` runs the other comparisons (fully labelled rows, packed SFT, long rows;
+``benchmarks/vs_peft_cases.py``), each with a per-phase peak-memory breakdown (``memory_phases.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ COMMON = ("adapter=lora", "adapter.r=8", "adapter.alpha=16", "adapter.target_mod
           "trainer.seed=42", "optimizer=adamw", "optimizer.lr=2e-4", "optimizer.schedule=cosine",
           "optimizer.warmup_steps=2", "trainer.device=auto", "trainer.precision=auto")
 DEFAULT_STEPS = {"tiny_llama": 15, "smollm2_135m": 6}
+CASES = ("labelled", "packed", "long")  # benchmarks/vs_peft_cases.py
 
 
 # --- one run (child process) ----------------------------------------------------------------------
@@ -58,8 +62,9 @@ DEFAULT_STEPS = {"tiny_llama": 15, "smollm2_135m": 6}
 def compose(model: str, dropout: float, steps: int, run_dir: Path, *extra: str) -> Any:
     from petuner.config import compose_config
 
-    return compose_config([*COMMON, f"model={model}", f"adapter.dropout={dropout}", f"trainer.max_steps={steps}",
-                           f"run_dir={run_dir}", *extra])
+    merged = dict(o.split("=", 1) for o in (*COMMON, f"model={model}", f"adapter.dropout={dropout}",
+                                            f"trainer.max_steps={steps}", f"run_dir={run_dir}", *extra))
+    return compose_config([f"{k}={v}" for k, v in merged.items()])  # later values of a key win
 
 
 def linear_weights(model: Any) -> tuple[int, int]:
@@ -187,7 +192,7 @@ def run_peft_trainer(cfg: Any, out_dir: Path) -> dict[str, Any]:
     timer = Timer()
     args = TrainingArguments(
         output_dir=str(out_dir), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
-        learning_rate=cfg.optimizer.lr, weight_decay=0.0, lr_scheduler_type="cosine",
+        learning_rate=cfg.optimizer.lr, weight_decay=0.0, lr_scheduler_type=cfg.optimizer.schedule,
         warmup_steps=cfg.optimizer.warmup_steps, max_grad_norm=t.max_grad_norm, optim="adamw_torch_fused",
         logging_strategy="steps", logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none",
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=t.seed,
@@ -202,15 +207,38 @@ def run_peft_trainer(cfg: Any, out_dir: Path) -> dict[str, Any]:
             "peak_bytes": peak_bytes(device), "n_linear": n, "n_trainable": n_trainable}
 
 
-def child(contender: str, model: str, dropout: float, steps: int) -> dict[str, Any]:
+def child(contender: str, model: str, dropout: float, steps: int, *extra: str) -> dict[str, Any]:
+    import peft
+    import transformers
+    from memory_phases import PhasePeaks
+
+    import petuner.data
+    import petuner.models
+    import petuner.run
+    from petuner.train.loop import Loop
+
+    phases = PhasePeaks()  # where each contender's peak memory sits
+    if contender.startswith("petuner"):
+        for name, phase in (("load_model", "load model"), ("build_data", "data"), ("inject", "adapter")):
+            phases.wrap(petuner.run, name, phase)
+        phases.wrap(Loop, "run_eval", "evaluation")
+        phases.wrap(Loop, "train", "training")
+    else:
+        phases.wrap(petuner.models, "load_model", "load model")
+        phases.wrap(petuner.data, "build_data", "data")
+        phases.wrap(peft, "get_peft_model", "adapter")
+        phases.wrap(transformers.Trainer, "train", "training")
     with tempfile.TemporaryDirectory() as tmp:
         all_logits = ("trainer.labelled_logits=false",) if contender == "petuner-all-logits" else ()
-        cfg = compose(model, dropout, steps, Path(tmp) / "run", *all_logits)
+        cfg = compose(model, dropout, steps, Path(tmp) / "run", *all_logits, *extra)
         if contender.startswith("petuner"):
-            return run_petuner(cfg)
-        if contender == "peft+torch":
-            return run_peft_torch(cfg)
-        return run_peft_trainer(cfg, Path(tmp) / "trainer")
+            result = run_petuner(cfg)
+        elif contender == "peft+torch":
+            result = run_peft_torch(cfg)
+        else:
+            result = run_peft_trainer(cfg, Path(tmp) / "trainer")
+    peaks = phases.finish()  # resetting the high-water mark also resets ru_maxrss: the peak is the phases' largest
+    return {**result, "peak_bytes": max(peaks.values()), "phase_peak_bytes": peaks}
 
 
 # --- the benchmark (parent process) ---------------------------------------------------------------
@@ -236,8 +264,8 @@ def matmul_peak() -> tuple[float, str]:
     return 2 * n ** 3 / best, f"torch.mm {n}×{n} {str(dtype).removeprefix('torch.')}"
 
 
-def spawn(contender: str, model: str, dropout: float, steps: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", contender, model, str(dropout), str(steps)]
+def spawn(contender: str, model: str, dropout: float, steps: int, *extra: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", contender, model, str(dropout), str(steps), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -337,11 +365,18 @@ def main() -> None:
     parser.add_argument("--note", default="a shared 2-core CPU with other work running (load average ~4-8)",
                         help="the machine's conditions, written next to the numbers")
     parser.add_argument("--render", action="store_true", help="rewrite the .md and .png from the saved .json")
-    parser.add_argument("--child", nargs=4, metavar=("CONTENDER", "MODEL", "DROPOUT", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=["lora", *CASES], default="lora",
+                        help="lora: the chatterbot comparison above; the others: see CASES")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        contender, model, dropout, steps = args.child
-        print("RESULT " + json.dumps(child(contender, model, float(dropout), int(steps))))
+        contender, model, dropout, steps, *extra = args.child
+        print("RESULT " + json.dumps(child(contender, model, float(dropout), int(steps), *extra)))
+        return
+    if args.case != "lora":
+        from vs_peft_cases import run_case
+
+        run_case(args.case, args.repeats, args.note, spawn, summarise, matmul_peak)
         return
     if args.render:
         render(json.loads((RESULTS / "vs_peft.json").read_text()))

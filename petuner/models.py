@@ -7,6 +7,7 @@ model from a config dict instead, so tests get a reproducible tiny model in mill
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from petuner.schema import choice, flag, number
 
 TASKS = ("causal_lm", "seq_cls")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 # Heads that a sequence-classification model creates fresh: they always train (peft: modules_to_save).
 SEQ_CLS_HEADS = ("classifier", "score")
 
@@ -37,6 +39,7 @@ class ModelSchema:
     init_seed: int = number(0, strict=False, integer=True)
     dtype: str = choice("float32", tuple(DTYPES))  # the weights' storage dtype
     adapter_dtype: str = choice("float32", tuple(DTYPES))  # the adapters' parameters (fp32 over any base)
+    attn_implementation: str = choice("sdpa", ATTENTION)  # flash_attention_2: CUDA with the flash-attn package
     trust_remote_code: bool = flag(False)
     lora_targets: Any = None  # the model's usual LoRA targets (the adapters' target_modules default to them)
 
@@ -104,19 +107,27 @@ def check_model_combination(cfg: DictConfig) -> None:
         raise ConfigError("model.name_or_path is empty: give a local folder, a hub id or asset:<name>")
     if cfg.random_init and not cfg.tokenizer:
         raise ConfigError("model.tokenizer is required when model.random_init is set")
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA only); "
+                          "use sdpa")
 
 
 def adapter_dtype(cfg: DictConfig) -> torch.dtype | None:
     """The dtype adapter parameters train in (``model.adapter_dtype``; fp32 unless set, also in runs
     saved before the key existed): fp32 over a bf16/fp16 base keeps updates below bf16's resolution."""
     return DTYPES.get(cfg.get("adapter_dtype", "float32"))
+def attn_implementation(cfg: DictConfig) -> str:
+    """model.attn_implementation; runs saved before the key existed used transformers' default, sdpa."""
+    return cfg.get("attn_implementation", "sdpa")
+
+
 
 
 def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = False) -> nn.Module:
     """Build the base model on CPU (or on the meta device: structure only, for validation)."""
     auto = auto_model_class(cfg.task)
     config = model_config(cfg, num_labels)
-    dtype = DTYPES[cfg.dtype]
+    dtype, attention = DTYPES[cfg.dtype], {"attn_implementation": attn_implementation(cfg)}
     if meta:
         with torch.device("meta"):
             return auto.from_config(config, dtype=dtype)
@@ -125,9 +136,9 @@ def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = F
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(int(cfg.init_seed))  # CPU only: CUDA's stays the run's
         if cfg.get("random_init"):
-            model = auto.from_config(config, dtype=dtype)
+            model = auto.from_config(config, dtype=dtype, **attention)
         else:
-            model = auto.from_pretrained(model_source(cfg), config=config, dtype=dtype,
+            model = auto.from_pretrained(model_source(cfg), config=config, dtype=dtype, **attention,
                                          trust_remote_code=bool(cfg.trust_remote_code))
     return model
 

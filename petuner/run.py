@@ -22,6 +22,7 @@ from petuner.adapters import Injection, adapter_state_dict, inject
 from petuner.adapters.capabilities import OwnsOptimizerParameters, PreparesFromData, QuantizedBase
 from petuner.config import validate
 from petuner.data import build_data
+from petuner.data.packing import attend_within_examples, pack_bundle
 from petuner.data.schema import check_max_length
 from petuner.errors import PetunerError
 from petuner.io import (
@@ -38,6 +39,7 @@ from petuner.models import context_length, head_modules, load_model, load_tokeni
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import read_config
 from petuner.train.checkpoint import latest_checkpoint, load_checkpoint
+from petuner.train.compile import compile_model
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
 from petuner.train.guard import NonFiniteGuard
 from petuner.train.labelled_logits import keep_labelled_logits
@@ -124,8 +126,12 @@ def set_up(cfg: DictConfig) -> Setup:
 
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(plan.data, tokenizer, cfg.model.task)
+    if cfg.data.packing:
+        data = pack_bundle(data, tokenizer, cfg.data.max_length, cfg.data.split_seed)
 
     model = load_model(cfg.model, data.num_labels)
+    if cfg.data.packing:
+        attend_within_examples(model)
     if isinstance(method, PreparesFromData):
         batches = calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size)
         method.prepare(model, batches, exclude=heads)
@@ -139,12 +145,14 @@ def set_up(cfg: DictConfig) -> Setup:
     model.to(device)
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
-    if cfg.trainer.labelled_logits and cfg.model.task == "causal_lm":
-        keep_labelled_logits(model)
+    if (cfg.trainer.labelled_logits or cfg.trainer.loss_chunk) and cfg.model.task == "causal_lm":
+        keep_labelled_logits(model, cfg.trainer.labelled_logits, cfg.trainer.loss_chunk)
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Setup(model=model, method=method, data=data, injection=injection, device=device,
                  compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint)
+    if cfg.trainer.compile:
+        compile_model(model)
 
 
 def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:

@@ -91,3 +91,65 @@ def test_a_run_trains_the_same_with_and_without(cfg_factory, tmp_path, adapter: 
         runs[flag] = [m[key] for m in map(json.loads, lines) for key in ("train/loss", "eval/loss") if key in m]
     assert len(runs["true"]) == 5  # two evaluations and three steps
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5)
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_and_every_gradient_equal_transformers(tied: bool, labelled: bool) -> None:
+    """Chunks of 4 positions (the batch has 33 scored positions): every chunk's logits are recomputed in backward."""
+    plain = llama(tied).train()
+    chunked = copy.deepcopy(plain)
+    assert keep_labelled_logits(chunked, labelled=labelled, chunk=4) is not None
+    batch = sft_batch()
+    loss, grads, _ = loss_and_grads(plain, batch)
+    chunk_loss, chunk_grads, chunk_logits = loss_and_grads(chunked, batch)
+    assert chunk_logits is None  # no tokens × vocabulary tensor was handed out
+    torch.testing.assert_close(chunk_loss, loss, rtol=0, atol=1e-6)
+    assert grads.keys() == chunk_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(chunk_grads[name], grads[name], rtol=0, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation: a loop over chunks, same value
+        torch.testing.assert_close(chunked(**batch).loss, plain(**batch).loss, rtol=0, atol=1e-6)
+
+
+def test_chunked_logits_are_never_all_alive(monkeypatch) -> None:
+    """The output layer only ever produces ``chunk`` rows of logits, and backward recomputes none of them."""
+    from petuner.train import chunked_loss
+
+    rows: list[int] = []
+    linear = chunked_loss.F.linear
+    model = llama(tied=True).train()
+
+    def spy(x, weight, bias=None):
+        if weight is model.lm_head.weight:
+            rows.append(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(chunked_loss.F, "linear", spy)
+    keep_labelled_logits(model, labelled=False, chunk=8)
+    model(**sft_batch()).loss.backward()
+    assert rows == [8, 8, 8, 8, 1]  # 33 positions, each once
+
+
+class Wrapped(torch.nn.Module):
+    """An output layer that is not a plain nn.Linear (as an adapter on it would be)."""
+
+    def __init__(self, inner: torch.nn.Linear) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * 1.5
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_chunked_loss_of_any_output_module_recomputes_and_matches(labelled: bool) -> None:
+    plain = llama(tied=False).train()
+    plain.lm_head = Wrapped(plain.lm_head)
+    chunked = copy.deepcopy(plain)
+    keep_labelled_logits(chunked, labelled=labelled, chunk=4)
+    loss, grads, _ = loss_and_grads(plain, sft_batch())
+    chunk_loss, chunk_grads, _ = loss_and_grads(chunked, sft_batch())
+    torch.testing.assert_close(chunk_loss, loss, rtol=0, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(chunk_grads[name], grads[name], rtol=0, atol=1e-6, msg=name)

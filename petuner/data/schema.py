@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from petuner.checks import shown
+from petuner.data.packing import PACKABLE_KINDS
 from petuner.data.sources import FORMATS
 from petuner.errors import ConfigError
-from petuner.schema import checked, choice, number
+from petuner.schema import checked, choice, flag, number
 
 KINDS = ("sft", "text", "classification")
 TASK_OF_KIND = {"sft": "causal_lm", "text": "causal_lm", "classification": "seq_cls"}
@@ -31,6 +32,7 @@ class DataSchema:
     split_seed: int = number(0, strict=False, integer=True)
     limit: int | None = number(None, low=1, strict=False, integer=True, optional=True)
     system_prompt: str | None = None  # sft only; null: the chat template's default
+    packing: bool = flag(False)  # sft: whole examples packed into rows of max_length, attention kept within each
 
 
 def check_max_length(cfg: Any, context: int | None) -> None:
@@ -45,6 +47,8 @@ def check_data_combination(cfg: Any, task: str | None = None) -> None:
         raise ConfigError(f"data.path is not set: data={cfg.name} needs data.path=/path/to/file")
     if cfg.kind != "auto" and task is not None and TASK_OF_KIND[cfg.kind] != task:
         raise ConfigError(f"data.kind={cfg.kind} needs a {TASK_OF_KIND[cfg.kind]} model, but model.task={task}")
+    if cfg.packing and cfg.kind not in ("auto", *PACKABLE_KINDS):
+        raise ConfigError(f"data.packing=true packs {', '.join(PACKABLE_KINDS)} examples, not data.kind={cfg.kind}")
     if cfg.system_prompt is not None and cfg.kind in ("text", "classification"):
         raise ConfigError(f"data.system_prompt is set but data.kind={cfg.kind} has no chat turns: "
                           "it applies to sft data only (set data.system_prompt=null)")

@@ -12,6 +12,10 @@ forward, so adapters' forward hooks, such as AdaLoRA's regulariser, still see ``
 a forward gets ``labels``, the output layer receives the hidden states of the labelled positions only,
 and the loss is the mean cross entropy over exactly those tokens — the value transformers computes,
 for a fraction of the time and memory. Without labels (generation, exports) nothing changes.
+
+With ``chunk`` (trainer.loss_chunk) the output layer does not run in the model's forward at all: the
+loss applies it chunk by chunk (``petuner.train.chunked_loss``), and the output's ``logits`` is None.
+``labelled=False`` keeps every position but the last (the chunked loss without the selection).
 """
 
 from __future__ import annotations
@@ -23,25 +27,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from petuner.data.sft import IGNORE
+from petuner.train.chunked_loss import chunked_cross_entropy
 
 
 class LabelledLogits:
     """The per-forward state the hooks share: which positions feed the output layer."""
 
-    def __init__(self, model: nn.Module, head: nn.Module) -> None:
+    def __init__(self, model: nn.Module, head: nn.Module, labelled: bool = True, chunk: int | None = None) -> None:
         self.keep: torch.Tensor | None = None      # (batch, length - 1) bool: positions whose next token counts
         self.targets: torch.Tensor | None = None   # the labels of those positions, in the same order
         self.selected = False                      # the output layer did get the selected positions
         self.fallback = model.loss_function        # transformers' own loss, for anything else
+        self.labelled, self.chunk = labelled, chunk
+        self.head, self.head_forward = head, head.forward
         model.register_forward_pre_hook(self.see_labels, with_kwargs=True)
         model.register_forward_hook(self.forget, always_call=True)
         head.register_forward_pre_hook(self.select)
+        if chunk:
+            head.forward = self.defer  # an instance attribute: the module, its weights and their names stay
 
     def see_labels(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         labels = kwargs.get("labels")
         if isinstance(labels, torch.Tensor) and labels.dim() == 2:
             shifted = labels[:, 1:]
-            self.keep = shifted != IGNORE
+            self.keep = shifted != IGNORE if self.labelled else torch.ones_like(shifted, dtype=torch.bool)
             self.targets = shifted[self.keep]
 
     def select(self, module: nn.Module, args: tuple) -> tuple | None:
@@ -51,25 +60,36 @@ class LabelledLogits:
         self.selected = True
         return (hidden[:, :-1][self.keep], *args[1:])
 
+    def defer(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer under chunking: a selected forward passes its hidden states on to the loss."""
+        return hidden if self.selected else self.head_forward(hidden)
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: Any) -> torch.Tensor:
         if not self.selected:
             return self.fallback(logits, labels, vocab_size, **kwargs)
         assert self.targets is not None
         total = kwargs.get("num_items_in_batch")
         if total is None:
-            return F.cross_entropy(logits.float(), self.targets)
-        return F.cross_entropy(logits.float(), self.targets, reduction="sum") / total
+            total = (self.targets != IGNORE).sum()
+        if self.chunk:  # ``logits`` are the selected hidden states
+            return chunked_cross_entropy(self.head, self.head_forward, logits, self.targets, self.chunk) / total
+        return F.cross_entropy(logits.float(), self.targets, ignore_index=IGNORE, reduction="sum") / total
 
-    def forget(self, *_: Any) -> None:
+    def forget(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        deferred = self.selected and self.chunk
         self.keep = self.targets = None
         self.selected = False
+        if deferred and getattr(output, "logits", None) is not None:
+            output.logits = None  # hidden states, not logits: nobody may read them as such
+        return output
 
 
-def keep_labelled_logits(model: nn.Module) -> LabelledLogits | None:
-    """Install the labelled-positions path on a transformers causal LM; None if it has no output layer."""
+def keep_labelled_logits(model: nn.Module, labelled: bool = True, chunk: int | None = None) -> LabelledLogits | None:
+    """Install the labelled-positions path (and/or the chunked loss) on a transformers causal LM; None if it
+    has no output layer."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(model, "loss_function"):
         return None
-    state = LabelledLogits(model, head)
+    state = LabelledLogits(model, head, labelled, chunk)
     model.loss_function = state.loss
     return state

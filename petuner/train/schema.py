@@ -29,6 +29,8 @@ class TrainerSchema:
     precision: str = choice("auto", ("auto", *PRECISIONS))
     gradient_checkpointing: bool = flag(False)
     labelled_logits: bool = flag(True)  # causal LM: the output layer runs only at labelled positions
+    loss_chunk: int | None = steps(None)  # causal LM: output layer + loss over chunks of this many positions
+    compile: bool = flag(False)  # torch.compile the model (per decoder layer if the whole fails)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (checked against the machine when the run starts)
     seed: int = number(42, strict=False, integer=True)
     eval_every: int | None = steps(None)  # steps between evaluations (always before and after training)

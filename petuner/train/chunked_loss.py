@@ -1,0 +1,93 @@
+"""Output layer and cross entropy over chunks of positions: the tokens × vocabulary logits never exist at once.
+
+For SmolLM2 (49,152 words) the fp32 logits of 4 × 1024 positions are 805 MB, and a training step holds
+about three such tensors (the logits, cross entropy's log-softmax, their gradient). Here each chunk of
+``chunk`` positions computes its logits, its summed loss and, while the logits are at hand, their
+gradient pushed back through the output layer (softmax minus one-hot, times the weight): the backward
+pass then only scales the stored gradients. Only one chunk's logits are ever alive, and the FLOPs are
+those of the plain path (no recomputation). This is Liger's fused linear cross entropy, in plain torch.
+
+That needs the output layer to be a plain ``nn.Linear`` (tied or not). Any other module (an adapter on
+the output layer) is called as a module per chunk under ``torch.utils.checkpoint`` instead, which
+recomputes each chunk's logits in the backward pass: one more forward of the output layer (torchtune's
+chunked cross entropy does the chunking without the recomputation, so it keeps the logits alive).
+Under ``no_grad`` (evaluation) chunks are just a loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from petuner.data.sft import IGNORE
+
+
+def _summed_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weightᵀ + bias, target_i), with every gradient computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b and bias is not None else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = F.linear(h, weight, bias).float()
+            valid = t != IGNORE
+            safe = t.masked_fill(~valid, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            # d(sum CE)/d logits = softmax - one_hot, zero at ignored positions; reuses the logits' memory
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(len(t), device=t.device), safe] -= 1
+            grad *= valid[:, None]
+            if grad_h is not None:
+                grad_h[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += grad.t() @ h.float()
+            if grad_b is not None:
+                grad_b += grad.sum(0)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        grad_h, grad_w, grad_b = (next(saved) * grad_out if present else None for present in ctx.present)
+        if grad_w is not None:
+            grad_w = grad_w.to(ctx.dtypes[0])
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.dtypes[1])
+        return grad_h, grad_w, grad_b, None, None
+
+
+def chunked_cross_entropy(head: nn.Module, head_forward: Callable[[torch.Tensor], torch.Tensor],
+                          hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The summed cross entropy of ``head(hidden)`` (positions × hidden) against ``targets`` (-100: ignored);
+    ``head_forward`` is the head's own forward (the module's may be deferred to this function)."""
+    if type(head) is nn.Linear and torch.is_grad_enabled():
+        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
+    if hidden.shape[0] <= chunk:
+        return _summed_loss(head_forward, hidden, targets)
+    recompute = torch.is_grad_enabled()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        total = total + (checkpoint(_summed_loss, head_forward, h, t, use_reentrant=False) if recompute
+                         else _summed_loss(head_forward, h, t))
+    return total
