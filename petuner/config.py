@@ -22,6 +22,7 @@ EXPORTS = (None, "merged", "peft")
 
 def check_trainer_cfg(cfg: Any) -> None:
     from petuner.train.device import PRECISIONS
+    from petuner.train.distributed import STRATEGIES
     from petuner.train.guard import ACTIONS
 
     if cfg.get("max_steps") is None and cfg.get("epochs") is None:
@@ -35,6 +36,8 @@ def check_trainer_cfg(cfg: Any) -> None:
     check_number(cfg, "max_grad_norm", "trainer", optional=True)
     if cfg.precision not in ("auto", *PRECISIONS):
         raise ConfigError(f"trainer.precision={cfg.precision!r}: allowed: auto, {', '.join(PRECISIONS)}")
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={cfg.strategy!r}: allowed: {', '.join(STRATEGIES)}")
     if cfg.on_nonfinite not in ACTIONS:
         raise ConfigError(f"trainer.on_nonfinite={cfg.on_nonfinite!r}: allowed: {', '.join(ACTIONS)}")
     for key in ("resume", "labelled_logits", "gradient_checkpointing"):

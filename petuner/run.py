@@ -8,13 +8,14 @@ weights load and long before training starts.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from petuner import __version__
 from petuner.adapters import adapter_state_dict, build_adapter, inject
@@ -26,7 +27,8 @@ from petuner.manifest import write_manifest
 from petuner.models import context_length, head_modules, load_model, load_tokenizer, model_config, model_source
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, read_config
-from petuner.train.checkpoint import latest_checkpoint, load_checkpoint, save_tensors
+from petuner.train import distributed
+from petuner.train.checkpoint import check_world_size, latest_checkpoint, load_checkpoint, save_tensors
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
 from petuner.train.guard import NonFiniteGuard
 from petuner.train.labelled_logits import keep_labelled_logits
@@ -56,6 +58,7 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
         return run_dir, None
     if checkpoint is None:
         raise PetunerError(f"trainer.resume=true but run_dir={str(run_dir)!r} has no checkpoint")
+    check_world_size(checkpoint)
     saved = read_config(run_dir)
     for section in RESUME_SECTIONS:
         if OmegaConf.to_container(saved[section]) != OmegaConf.to_container(cfg[section], resolve=True):
@@ -83,7 +86,14 @@ def calibration_batches(data: Any, batches: int, size: int) -> list[dict[str, to
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one run as ``cfg`` says; returns its results (also in RUN_DIR/run.json)."""
     validate(cfg)
-    run_dir, checkpoint = prepare_run_dir(cfg)
+    distributed.init_from_env()
+    distributed.check_launch(cfg.trainer.strategy, cfg.optimizer)
+    with open_dict(cfg):  # one folder for all ranks, even if their clocks named Hydra's default differently
+        cfg.run_dir = distributed.broadcast_object(str(cfg.run_dir))
+    if not distributed.is_writer():
+        logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0's
+    with distributed.writer_first():
+        run_dir, checkpoint = prepare_run_dir(cfg)
     device = resolve_device(cfg.trainer.device)
     compute_dtype = resolve_precision(cfg.trainer.precision, device)
     check_optimizer_for_trainer(cfg.optimizer, cfg.trainer, compute_dtype)
@@ -98,7 +108,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data = build_data(cfg.data, tokenizer, cfg.model.task)
 
     model = load_model(cfg.model, data.num_labels)
-    method.prepare(model, calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size))
+    with distributed.writer_first():  # a cached preparation (LQ-LoRA's decomposition) is computed once
+        method.prepare(model, calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size))
     seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
     injection = inject(model, method, heads)
     trainable, total = count_parameters(model)
@@ -112,6 +123,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    trained = distributed.wrap(model, device)
     optimizer = build_optimizer(model, cfg.optimizer, device, exclude=method.own_optimizer_parameters(model))
     info: dict[str, Any] = {
         "petuner_version": __version__, "run_dir": str(run_dir.resolve()), "base_model": model_source(cfg.model),
@@ -119,12 +131,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "targets": injection.targets, "head_modules": injection.head_modules,
         "trainable_parameters": trainable, "total_parameters": total,
         "device": str(device), "compute_dtype": str(compute_dtype or torch.float32).removeprefix("torch."),
-        "train_examples": len(data.train), "eval_examples": len(data.eval),
+        "train_examples": len(data.train), "eval_examples": len(data.eval), "processes": distributed.world_size(),
     }
     if report := method.report():
         info["adapter_report"] = report
-    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-    atomic_write_json(run_dir / RUN_FILE, info)
+    log.info("global batch %d examples = %d process(es) x %d per micro-batch x grad_accum %d, per optimizer "
+             "step %d", cfg.trainer.batch_size, distributed.world_size(),
+             math.ceil(cfg.trainer.batch_size / distributed.world_size()), cfg.trainer.grad_accum,
+             cfg.trainer.batch_size * cfg.trainer.grad_accum)
+    if distributed.is_writer():
+        atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_json(run_dir / RUN_FILE, info)
 
     metrics = MetricsLog(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
                          resume_step=_checkpoint_step(checkpoint))
@@ -134,7 +151,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite, check_grads=not scaler.is_enabled())  # first: may veto
     loop = Loop(model=model, data=data, optimizer=optimizer, scheduler=scheduler,
                 scaler=scaler, hooks=[guard, *method.hooks(model), memory], cfg=cfg.trainer,
-                device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics)
+                device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics, trained=trained)
+    distributed.seed_rank(cfg.trainer.seed)  # after every seeded draw all ranks share: dropout differs per rank
     start = 0
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, model, optimizer, scheduler, loop.scaler, loop.hooks)
@@ -147,19 +165,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics.summary(results)
     finally:
         metrics.close()
+    info.update({"results": results, "steps": loop.total_steps()})
+    if distributed.is_writer():
+        save_run(run_dir, model, info, cfg.get("export"))
+    distributed.barrier()
+    return info
+
+
+def save_run(run_dir: Path, model: torch.nn.Module, info: dict[str, Any], export_format: str | None) -> None:
+    """The finished run's files (and export, if asked): rank 0's job."""
     with atomic_file(run_dir / ADAPTER_FILE) as tmp:
         save_tensors(adapter_state_dict(model), tmp)
     write_manifest(run_dir, {"kind": "run"}, files=[ADAPTER_FILE, CONFIG_FILE])
-    info.update({"results": results, "steps": loop.total_steps()})
     atomic_write_json(run_dir / RUN_FILE, info)
-    log.info("done: %s", "  ".join(f"{k}={v:.4g}" for k, v in results.items()))
+    log.info("done: %s", "  ".join(f"{k}={v:.4g}" for k, v in info["results"].items()))
     log.info("saved run to %s", run_dir)
-    if cfg.get("export"):
+    if export_format:
         from petuner.export import export
 
-        out = export(run_dir, cfg.export, run_dir / f"export-{cfg.export}", force=True)
+        out = export(run_dir, export_format, run_dir / f"export-{export_format}", force=True)
         info["export"] = str(out)
-    return info
 
 
 def _checkpoint_step(checkpoint: Path | None) -> int | None:
