@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from petuner.errors import PetunerError
 from petuner.run import run
 from petuner.train.checkpoint import checkpoints
 from petuner.train.logging import read_metrics
@@ -115,3 +116,11 @@ def test_killed_two_process_run_resumes_bit_identical(two_processes: Path, tmp_p
     adapters_equal(straight, killed, atol=0)
     losses = [[m["train/loss"] for m in read_metrics(d) if "train/loss" in m] for d in (straight, killed)]
     assert losses[0] == losses[1] and len(losses[0]) == 8
+
+
+def test_resume_with_another_process_count_is_one_line(two_processes: Path) -> None:
+    run_dir = two_processes / "lora"
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    with pytest.raises(PetunerError, match=r"written by 2 process\(es\) but this run has 1; resume with the same"):
+        run(make_cfg(run_dir, *COMMON, "trainer.resume=true"))
+    assert sorted(p.name for p in run_dir.rglob("*")) == before

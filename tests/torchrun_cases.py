@@ -8,10 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from tests.conftest import make_cfg  # noqa: I001  (sets the test environment first)
-from tests.test_distributed import CASES, COMMON, KILLED
-
 from petuner.run import run
+from tests.conftest import make_cfg
+from tests.test_distributed import CASES, COMMON, KILLED
 
 
 def overrides(case: str) -> tuple[str, ...]:
