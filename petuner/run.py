@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one run as ``cfg`` says; returns its results (also in RUN_DIR/run.json)."""
     validate(cfg)
     distributed.init_from_env()
-    distributed.check_launch(cfg.trainer.strategy, cfg.optimizer)
+    distributed.check_launch(cfg)
     with open_dict(cfg):  # one folder for all ranks, even if their clocks named Hydra's default differently
         cfg.run_dir = distributed.broadcast_object(str(cfg.run_dir))
     if not distributed.is_writer():
@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    trained = distributed.wrap(model, device)
+    trained = distributed.wrap(model, device, cfg.trainer.strategy, compute_dtype)
     optimizer = build_optimizer(model, cfg.optimizer, device, exclude=method.own_optimizer_parameters(model))
     info: dict[str, Any] = {
         "petuner_version": __version__, "run_dir": str(run_dir.resolve()), "base_model": model_source(cfg.model),
@@ -166,16 +166,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         metrics.close()
     info.update({"results": results, "steps": loop.total_steps()})
+    weights = distributed.gathered(adapter_state_dict(model))
     if distributed.is_writer():
-        save_run(run_dir, model, info, cfg.get("export"))
+        save_run(run_dir, weights, info, cfg.get("export"))
     distributed.barrier()
     return info
 
 
-def save_run(run_dir: Path, model: torch.nn.Module, info: dict[str, Any], export_format: str | None) -> None:
+def save_run(run_dir: Path, weights: dict[str, torch.Tensor], info: dict[str, Any],
+             export_format: str | None) -> None:
     """The finished run's files (and export, if asked): rank 0's job."""
     with atomic_file(run_dir / ADAPTER_FILE) as tmp:
-        save_tensors(adapter_state_dict(model), tmp)
+        save_tensors(weights, tmp)
     write_manifest(run_dir, {"kind": "run"}, files=[ADAPTER_FILE, CONFIG_FILE])
     atomic_write_json(run_dir / RUN_FILE, info)
     log.info("done: %s", "  ".join(f"{k}={v:.4g}" for k, v in info["results"].items()))

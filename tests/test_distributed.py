@@ -35,6 +35,9 @@ CASES = {  # the same global batches in one and in two processes
     "galore": ("adapter=none", "optimizer=galore", "optimizer.rank=8", "optimizer.update_proj_gap=3",
                "optimizer.lr=1e-3"),
 }
+# FSDP, against one process with the same constant schedule; "fsdp_resumed" stops after its step-2 checkpoint
+# and resumes to step 4 (a constant schedule does not depend on max_steps).
+FSDP = ("trainer.strategy=fsdp", "optimizer.schedule=constant")
 # Dropout on: each rank's RNG stream must come back on resume.
 KILLED = ("trainer.max_steps=8", "trainer.save_every=2", "trainer.batch_size=4", "adapter.dropout=0.1")
 
@@ -69,15 +72,22 @@ def adapters_equal(a: Path, b: Path, atol: float) -> None:
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every case, plus the uninterrupted run of the kill test, in one torchrun launch."""
     root = tmp_path_factory.mktemp("torchrun")
-    done = subprocess.run(torchrun(root, *CASES, "straight"), env=env(), cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = subprocess.run(torchrun(root, *CASES, "straight", "fsdp", "fsdp_resumed"), env=env(), cwd=root,
+                          capture_output=True, text=True)
+    (root / "stderr.txt").write_text(done.stderr)  # each test checks its own runs finished (finished())
     return root
+
+
+def finished(root: Path, *cases: str) -> None:
+    for case in cases:
+        assert (root / case / "adapter.safetensors").is_file(), (root / "stderr.txt").read_text()[-4000:]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_processes_match_one(two_processes: Path, tmp_path: Path, case: str) -> None:
     one = tmp_path / case
     info = run(make_cfg(one, *COMMON, *CASES[case]))
+    finished(two_processes, case)
     two = two_processes / case
     adapters_equal(one, two, atol=1e-6)
     metrics = [read_metrics(d) for d in (one, two)]
@@ -88,9 +98,20 @@ def test_two_processes_match_one(two_processes: Path, tmp_path: Path, case: str)
     assert info["processes"] == 1
 
 
+def test_fsdp_matches_one_process_and_resumes(two_processes: Path, tmp_path: Path) -> None:
+    finished(two_processes, "fsdp", "fsdp_resumed")
+    run(make_cfg(tmp_path / "one", *COMMON, "optimizer.schedule=constant"))
+    adapters_equal(tmp_path / "one", two_processes / "fsdp", atol=1e-6)
+    adapters_equal(two_processes / "fsdp", two_processes / "fsdp_resumed", atol=0)
+    losses = [[m["train/loss"] for m in read_metrics(d) if "train/loss" in m]
+              for d in (tmp_path / "one", two_processes / "fsdp", two_processes / "fsdp_resumed")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == losses[1]
+
+
 def test_one_set_of_outputs(two_processes: Path) -> None:
     """One run folder per run, one metrics line per step, one wandb run (the lora case logs to wandb)."""
-    assert {p.name for p in two_processes.iterdir() if p.is_dir()} == {*CASES, "straight"}
+    finished(two_processes, *CASES, "straight", "fsdp", "fsdp_resumed")
+    assert {p.name for p in two_processes.iterdir() if p.is_dir()} == {*CASES, "fsdp", "fsdp_resumed", "straight"}
     run_dir = two_processes / "lora"
     steps = [m["step"] for m in read_metrics(run_dir) if "train/loss" in m]
     assert steps == [1, 2, 3, 4]
@@ -99,6 +120,7 @@ def test_one_set_of_outputs(two_processes: Path) -> None:
 
 
 def test_killed_two_process_run_resumes_bit_identical(two_processes: Path, tmp_path: Path) -> None:
+    finished(two_processes, "straight")
     killed = tmp_path / "killed"
     proc = subprocess.Popen(torchrun(tmp_path, "killed"), env=env(), cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -119,6 +141,7 @@ def test_killed_two_process_run_resumes_bit_identical(two_processes: Path, tmp_p
 
 
 def test_resume_with_another_process_count_is_one_line(two_processes: Path) -> None:
+    finished(two_processes, "lora")
     run_dir = two_processes / "lora"
     before = sorted(p.name for p in run_dir.rglob("*"))
     with pytest.raises(PetunerError, match=r"written by 2 process\(es\) but this run has 1; resume with the same"):

@@ -42,3 +42,12 @@ def test_alone_every_collective_is_the_identity() -> None:
     assert distributed.whole_batches([[1, 2], [3]]) == [[1, 2], [3]]
     model = torch.nn.Linear(2, 2)
     assert distributed.wrap(model, torch.device("cpu")) is model
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("adapter=qlora",), r"trainer.strategy=fsdp cannot shard adapter=qlora: allowed with fsdp: lora, none"),
+    (("adapter=none", "optimizer=galore"), r"trainer.strategy=fsdp with optimizer=galore: allowed with fsdp"),
+])
+def test_what_fsdp_cannot_shard_is_one_line(cfg_factory, overrides, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run(cfg_factory("trainer.strategy=fsdp", *overrides))

@@ -10,12 +10,14 @@ from pathlib import Path
 
 from petuner.run import run
 from tests.conftest import make_cfg
-from tests.test_distributed import CASES, COMMON, KILLED
+from tests.test_distributed import CASES, COMMON, FSDP, KILLED
 
 
 def overrides(case: str) -> tuple[str, ...]:
     if case in ("straight", "killed"):
         return KILLED
+    if case == "fsdp":
+        return (*COMMON, *FSDP)
     if case == "lora":  # also shows that two processes make one wandb run
         os.environ["WANDB_MODE"] = "offline"
         return (*COMMON, "logger=wandb", "logger.mode=offline")
@@ -27,4 +29,8 @@ if __name__ == "__main__":
     root, names = Path(sys.argv[1]), sys.argv[2:]
     resume = ("trainer.resume=true",) if names[-1] == "resume" else ()
     for name in [n for n in names if n != "resume"]:
+        if name == "fsdp_resumed":  # to its first checkpoint, then on from it
+            run(make_cfg(root / name, *COMMON, *FSDP, "trainer.max_steps=2"))
+            run(make_cfg(root / name, *COMMON, *FSDP, "trainer.resume=true"))
+            continue
         run(make_cfg(root / name, *overrides(name), *resume))

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from petuner.errors import ConfigError
+from petuner.train import fsdp
 
 STRATEGIES = ("ddp", "fsdp")
 RUN_TIME_ENV = "PETUNER_RUN_TIME"  # read by conf/config.yaml: every rank names the same default run folder
@@ -128,10 +129,13 @@ def whole_batches(batches: list[list[int]]) -> list[list[int]]:
     return [b for b in batches if len(b) >= world_size()]
 
 
-def check_launch(strategy: str, optimizer_cfg: Any) -> None:
+def check_launch(cfg: Any) -> None:
     """Reject, in one line and before any loading, what cannot run under this launch."""
+    strategy, optimizer_cfg = cfg.trainer.strategy, cfg.optimizer
     if strategy not in STRATEGIES:
         raise ConfigError(f"trainer.strategy={strategy!r}: allowed: {', '.join(STRATEGIES)}")
+    if strategy == "fsdp":
+        fsdp.check(cfg.adapter.name, optimizer_cfg.name)
     if strategy == "fsdp" and not active():
         raise ConfigError("trainer.strategy=fsdp shards the model over processes, but this run has no process "
                           "group: launch it with torchrun --nproc_per_node=N (N >= 2), or use strategy=ddp")
@@ -140,17 +144,37 @@ def check_launch(strategy: str, optimizer_cfg: Any) -> None:
                           "averaged over processes: with torchrun use optimizer.per_layer=false")
 
 
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, device: torch.device, strategy: str = "ddp",
+         compute_dtype: torch.dtype | None = None) -> nn.Module:
     """The module to train: DistributedDataParallel over the trainable (adapter) parameters, or the model
-    itself in one process. Evaluation, saving and hooks keep using the unwrapped model."""
+    itself in one process; evaluation, saving and hooks keep using the unwrapped model. With FSDP the
+    model itself is sharded in place (before the optimizer is built: its parameters become shards)."""
     if not active():
         return model
+    if strategy == "fsdp":
+        return fsdp.shard(model, compute_dtype)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager[Any]:
     """Skip the gradient all-reduce on every micro-batch of an accumulation but the last."""
+    if fsdp.is_sharded(model):
+        model.set_requires_gradient_sync(last)  # type: ignore[operator]
+        return contextlib.nullcontext()
     if last or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def eval_share(model: nn.Module, size: int) -> tuple[list[int], bool]:
+    """This rank's held-out examples, and whether its sums must be added over ranks. A sharded model
+    gathers its weights in every forward, a collective: there every rank evaluates everything."""
+    if fsdp.is_sharded(model):
+        return list(range(size)), False
+    return shard(range(size)), True
+
+
+def gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors to save, from sharded parameters (every rank must call it); the identity otherwise."""
+    return fsdp.full(tensors)

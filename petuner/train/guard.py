@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from petuner.errors import PetunerError
-from petuner.train import distributed
+from petuner.train import distributed, fsdp
 from petuner.train.checkpoint import latest_checkpoint
 from petuner.train.hooks import Hook, TrainState
 
@@ -28,7 +28,8 @@ class NonFiniteGuard(Hook):
     def after_backward(self, state: TrainState) -> None:
         flags = [~torch.isfinite(state.loss)]
         if self.check_grads:
-            grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+            grads = [fsdp.local(p.grad) for p in state.model.parameters() if p.grad is not None]  # a shard each
+            grads = [g for g in grads if g.numel()]
             if grads:
                 flags.append(~torch.isfinite(torch.stack([g.float().abs().max() for g in grads])).all())
         # One read of the device per step, and one decision for every rank: a NaN on any rank acts on all.

@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from petuner.data import DataBundle
 from petuner.data.sft import IGNORE
-from petuner.train import distributed
+from petuner.train import distributed, fsdp
 from petuner.train.checkpoint import save_checkpoint
 from petuner.train.device import autocast, peak_memory
 from petuner.train.hooks import Hook, TrainState
@@ -74,7 +74,8 @@ def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss · items, items, correct
-    loader = DataLoader(distributed.shard(range(len(data.eval))), batch_size=batch_size,
+    share, summed = distributed.eval_share(model, len(data.eval))
+    loader = DataLoader(share, batch_size=batch_size,
                         collate_fn=lambda idx: data.collate([data.eval[i] for i in idx]),
                         generator=_private_generator())
     for host_batch in loader:
@@ -87,7 +88,7 @@ def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.
         if data.kind == "classification":
             sums[2] += (out.logits.argmax(-1) == batch["labels"]).sum()
     model.train(was_training)
-    loss_sum, weight, correct = distributed.sum_over_ranks(sums).tolist()
+    loss_sum, weight, correct = (distributed.sum_over_ranks(sums) if summed else sums).tolist()
     metrics = {"eval/loss": loss_sum / weight}
     if data.kind == "classification":
         metrics["eval/accuracy"] = correct / weight
@@ -212,7 +213,8 @@ class Loop:
                 if state.step % cfg.log_every == 0 or state.step == max_steps:  # the step's only reads of the device
                     loss, tokens = distributed.sum_over_ranks(torch.stack(
                         [state.loss.float(), torch.tensor(float(tokens), device=self.device)])).tolist()
-                    state.metrics.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                    state.metrics.update({"train/loss": loss, "train/lr": lr,
+                                          "train/grad_norm": fsdp.local(grad_norm).item(),
                                           "train/tokens_per_s": tokens / seconds, "train/step_s": seconds})
                     self.metrics.log(state.metrics, state.step)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
