@@ -1,5 +1,6 @@
 """Train one run, or a sweep with -m: `python train.py adapter=lora trainer.max_steps=100`."""
 
+import os
 import sys
 
 import hydra
@@ -26,6 +27,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: join the group before Hydra names the run folder
+        from petuner.train.distributed import init_from_env
+
+        init_from_env()
     register_schemas()
     try:
         # Hydra's own flags (--cfg job, --resolve, --info, --help, -m, ...) pass through to Hydra.

@@ -8,6 +8,7 @@ weights load and long before training starts.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from petuner import __version__
 from petuner.adapters import Injection, adapter_state_dict, inject
@@ -38,7 +39,8 @@ from petuner.manifest import write_manifest
 from petuner.models import context_length, head_modules, load_model, load_tokenizer, model_config, model_source
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import read_config
-from petuner.train.checkpoint import latest_checkpoint, load_checkpoint
+from petuner.train import distributed
+from petuner.train.checkpoint import check_world_size, latest_checkpoint, load_checkpoint
 from petuner.train.compile import compile_model
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
 from petuner.train.guard import NonFiniteGuard
@@ -70,6 +72,7 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
         return run_dir, None
     if checkpoint is None:
         raise PetunerError(f"trainer.resume=true but run_dir={str(run_dir)!r} has no checkpoint")
+    check_world_size(checkpoint)
     saved = read_config(run_dir)
     for section in RESUME_SECTIONS:
         if OmegaConf.to_container(saved[section]) != OmegaConf.to_container(cfg[section], resolve=True):
@@ -111,7 +114,14 @@ class Setup:
 def set_up(cfg: DictConfig) -> Setup:
     """Check everything cheap first (config, run folder, targets on a weightless copy), then load and adapt."""
     plan = validate(cfg)
-    run_dir, checkpoint = prepare_run_dir(cfg)
+    distributed.init_from_env()
+    distributed.check_launch(cfg)
+    with open_dict(cfg):  # one folder for all ranks, even if their clocks named Hydra's default differently
+        cfg.run_dir = distributed.broadcast_object(str(cfg.run_dir))
+    if not distributed.is_writer():
+        logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0's
+    with distributed.writer_first():
+        run_dir, checkpoint = prepare_run_dir(cfg)
     device = resolve_device(cfg.trainer.device)
     compute_dtype = resolve_precision(cfg.trainer.precision, device)
     check_optimizer_for_trainer(cfg.optimizer, cfg.trainer, compute_dtype)
@@ -134,7 +144,8 @@ def set_up(cfg: DictConfig) -> Setup:
         attend_within_examples(model)
     if isinstance(method, PreparesFromData):
         batches = calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size)
-        method.prepare(model, batches, exclude=heads)
+        with distributed.writer_first():  # a cached preparation (LQ-LoRA's decomposition) is computed once
+            method.prepare(model, batches, exclude=heads)
     seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
     injection = inject(model, method, heads, adapter_dtype=adapter_dtype(cfg.model))
     if compute_dtype is not None and method.name != "none":  # not full fine-tuning
@@ -149,10 +160,10 @@ def set_up(cfg: DictConfig) -> Setup:
         keep_labelled_logits(model, cfg.trainer.labelled_logits, cfg.trainer.loss_chunk)
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Setup(model=model, method=method, data=data, injection=injection, device=device,
-                 compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint)
     if cfg.trainer.compile:
         compile_model(model)
+    return Setup(model=model, method=method, data=data, injection=injection, device=device,
+                 compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint)
 
 
 def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
@@ -165,6 +176,7 @@ def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
         "trainable_parameters": trainable, "total_parameters": total,
         "device": str(s.device), **dtype_report(s.model, s.compute_dtype),
         "train_examples": len(s.data.train), "eval_examples": len(s.data.eval),
+        "processes": distributed.world_size(),
     }
     if isinstance(s.method, QuantizedBase):
         info["adapter_report"] = s.method.report()
@@ -175,11 +187,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one run as ``cfg`` says; returns its results (also in RUN_DIR/run.json)."""
     s = set_up(cfg)
     model, run_dir, device, compute_dtype = s.model, s.run_dir, s.device, s.compute_dtype
+    trained = distributed.wrap(model, device, cfg.trainer.strategy, compute_dtype)
     own = s.method.own_optimizer_parameters(model) if isinstance(s.method, OwnsOptimizerParameters) else []
     optimizer = build_optimizer(model, cfg.optimizer, device, exclude=own, heads=s.injection.head_modules)
     info = run_info(cfg, s)
-    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-    atomic_write_json(run_dir / RUN_FILE, info)
+    log.info("global batch %d examples = %d process(es) x %d per micro-batch x grad_accum %d, per optimizer "
+             "step %d", cfg.trainer.batch_size, distributed.world_size(),
+             math.ceil(cfg.trainer.batch_size / distributed.world_size()), cfg.trainer.grad_accum,
+             cfg.trainer.batch_size * cfg.trainer.grad_accum)
+    if distributed.is_writer():
+        atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_json(run_dir / RUN_FILE, info)
 
     metrics = MetricsLog(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
                          resume_step=_checkpoint_step(s.checkpoint))
@@ -189,7 +207,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite, scaled=scaler.is_enabled())  # first: may veto
     loop = Loop(model=model, data=s.data, optimizer=optimizer, scheduler=scheduler,
                 scaler=scaler, hooks=[guard, *s.method.hooks(model), memory], cfg=cfg.trainer,
-                device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics)
+                device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics, trained=trained)
+    distributed.seed_rank(cfg.trainer.seed)  # after every seeded draw all ranks share: dropout differs per rank
     start = 0
     if s.checkpoint is not None:
         start = load_checkpoint(s.checkpoint, model, optimizer, scheduler, loop.scaler, loop.hooks)
@@ -202,18 +221,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics.summary(results)
     finally:
         metrics.close()
-    with atomic_file(run_dir / ADAPTER_FILE) as tmp:
-        save_tensors(adapter_state_dict(model), tmp)
-    write_manifest(run_dir, {"kind": "run"}, files=[ADAPTER_FILE, CONFIG_FILE])
     info.update({"results": results, "steps": loop.total_steps()})
+    weights = distributed.gathered(adapter_state_dict(model))
+    if distributed.is_writer():
+        save_run(run_dir, weights, info, cfg.get("export"))
+    distributed.barrier()
+    return info
+
+
+def save_run(run_dir: Path, weights: dict[str, torch.Tensor], info: dict[str, Any],
+             export_format: str | None) -> None:
+    """The finished run's files (and export, if asked): rank 0's job."""
+    with atomic_file(run_dir / ADAPTER_FILE) as tmp:
+        save_tensors(weights, tmp)
+    write_manifest(run_dir, {"kind": "run"}, files=[ADAPTER_FILE, CONFIG_FILE])
     atomic_write_json(run_dir / RUN_FILE, info)
-    log.info("done: %s", "  ".join(f"{k}={v:.4g}" for k, v in results.items()))
+    log.info("done: %s", "  ".join(f"{k}={v:.4g}" for k, v in info["results"].items()))
     log.info("saved run to %s", run_dir)
-    if cfg.get("export"):
+    if export_format:
         from petuner.export import export
 
-        info["export"] = str(export(run_dir, cfg.export, run_dir / f"export-{cfg.export}", force=True))
-    return info
+        info["export"] = str(export(run_dir, export_format, run_dir / f"export-{export_format}", force=True))
 
 
 def _checkpoint_step(checkpoint: Path | None) -> int | None:

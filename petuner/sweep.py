@@ -64,6 +64,10 @@ def _one_line(err: BaseException) -> str:
 
 
 def _record(run_dir: Path, status: dict[str, Any]) -> None:
+    from petuner.train.distributed import is_writer
+
+    if not is_writer():  # under torchrun: rank 0's record
+        return
     with contextlib.suppress(OSError):  # an unwritable run_dir is itself the error being reported
         atomic_write_json(run_dir / STATUS_FILE, status)
 

@@ -64,7 +64,8 @@ def test_a_nonfinite_gradient_under_a_finite_loss_is_caught(bad: float) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e6  # large but finite: no false alarm
-    state = TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), max_steps=1, loss=1.0)
+    state = TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), max_steps=1,
+                       loss=torch.tensor(1.0))
     guard = NonFiniteGuard("skip")
     guard.after_backward(state)
     assert not state.skip_update

@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from petuner.adapters import adapter_state_dict, load_adapter_state_dict
+from petuner.errors import PetunerError
 from petuner.io import ADAPTER_FILE, CHECKPOINTS, STATE_FILE, atomic_dir, save_tensors
+from petuner.train import distributed, fsdp
 from petuner.train.hooks import Hook
 
 log = logging.getLogger(__name__)
@@ -60,26 +62,44 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: torch.amp.GradScaler, hooks: list[Hook], keep: int) -> Path:
+    """Every rank's RNG state is gathered (each rank's dropout differs); rank 0 writes, the rest wait."""
     dest = Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
-    with atomic_dir(dest, replace=True) as tmp:
-        save_tensors(adapter_state_dict(model), tmp / ADAPTER_FILE)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "hooks": [h.state_dict() for h in hooks],
-                    "rng": rng_state()}, tmp / STATE_FILE)
-    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    rngs = distributed.gather_objects(rng_state())
+    weights = distributed.gathered(adapter_state_dict(model))
+    optimizer_state = fsdp.optimizer_state(model, optimizer) if fsdp.is_sharded(model) else optimizer.state_dict()
+    if distributed.is_writer():
+        with atomic_dir(dest, replace=True) as tmp:
+            save_tensors(weights, tmp / ADAPTER_FILE)
+            torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(), "hooks": [h.state_dict() for h in hooks],
+                        "rng": rngs[0], "rng_per_rank": rngs[1:], "world_size": len(rngs)}, tmp / STATE_FILE)
+        for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return dest
+
+
+def check_world_size(path: Path) -> None:
+    """A checkpoint resumes only with the number of processes that wrote it: each rank's RNG (dropout)
+    stream is part of the state, and another world size would make the run a different one."""
+    saved = int(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True).get("world_size", 1))
+    if saved != distributed.world_size():
+        raise PetunerError(f"trainer.resume=true: {path} was written by {saved} process(es) but this run has "
+                           f"{distributed.world_size()}; resume with the same number of processes")
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: torch.amp.GradScaler, hooks: list[Hook]) -> int:
     """Restore everything ``save_checkpoint`` wrote; returns the step to continue from."""
-    load_adapter_state_dict(model, load_file(str(path / ADAPTER_FILE)))
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if fsdp.is_sharded(model):
+        fsdp.load(model, optimizer, load_file(str(path / ADAPTER_FILE)), state["optimizer"])
+    else:
+        load_adapter_state_dict(model, load_file(str(path / ADAPTER_FILE)))
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     for hook, hook_state in zip(hooks, state["hooks"], strict=True):
         hook.load_state_dict(hook_state)
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"] if distributed.rank() == 0 else state["rng_per_rank"][distributed.rank() - 1])
     return int(state["step"])

@@ -23,8 +23,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
+        if torch.cuda.is_available():  # under torchrun: this process's GPU (LOCAL_RANK, set at launch)
+            return torch.device("cuda", torch.cuda.current_device())
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -34,6 +34,8 @@ def resolve_device(spec: str) -> torch.device:
         raise ConfigError(f"trainer.device={spec!r}: allowed: auto, cpu, cuda, cuda:N, mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={spec!r} but no CUDA device is available; use auto or cpu")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -11,12 +11,12 @@ AdaLoRA's rank allocation) skip it too.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from petuner.errors import PetunerError
+from petuner.train import distributed, fsdp
 from petuner.train.checkpoint import latest_checkpoint
 from petuner.train.hooks import Hook, TrainState
 
@@ -30,16 +30,19 @@ class NonFiniteGuard(Hook):
         self.skipped = 0
 
     def after_backward(self, state: TrainState) -> None:
-        bad = "loss" if not math.isfinite(state.loss) else None
-        if bad is None:
-            grads = [p.grad for p in state.model.parameters() if p.grad is not None]
-            if grads and not torch.isfinite(torch.stack([g.float().abs().max() for g in grads])).all():
-                bad = "gradient"
+        flags = [~torch.isfinite(state.loss)]
+        grads = [fsdp.local(p.grad) for p in state.model.parameters() if p.grad is not None]  # a shard each
+        grads = [g for g in grads if g.numel()]
+        if grads:
+            flags.append(~torch.isfinite(torch.stack([g.float().abs().max() for g in grads])).all())
+        # One read of the device per step, and one decision for every rank: a NaN on any rank acts on all.
+        found = distributed.any_rank(torch.stack([f.to(state.loss.device) for f in flags])).tolist()
+        bad = "loss" if found[0] else "gradient" if any(found[1:]) else None
         if bad is None:
             return
         if self.action == "stop" and not (self.scaled and bad == "gradient"):
             last = latest_checkpoint(state.run_dir) if state.run_dir else None
-            raise PetunerError(f"non-finite {bad} at step {state.step + 1} (loss {state.loss}); stopped "
+            raise PetunerError(f"non-finite {bad} at step {state.step + 1} (loss {state.loss.item()}); stopped "
                                f"(trainer.on_nonfinite=skip drops such steps); last good checkpoint: {last or 'none'}")
         self.skipped += 1
         state.skip_update = True

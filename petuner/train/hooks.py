@@ -26,7 +26,9 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     # This step's values to log; hooks may add their own (e.g. DyLoRA's drawn rank) in before_step.
     metrics: dict[str, float] = field(default_factory=dict)
-    loss: float = 0.0  # this step's training loss, set before after_backward
+    # This rank's part of the step's training loss (a device tensor: reading it waits for the device; the
+    # step's loss is its sum over ranks), set before after_backward.
+    loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     # A hook may veto this step's parameter update (the non-finite guard does, also for a step the fp16
     # gradient scaler skips); every hook that updates parameters itself must then skip too.
     skip_update: bool = False

@@ -13,6 +13,7 @@ from typing import Any
 from petuner.errors import ConfigError
 from petuner.io import METRICS_FILE
 from petuner.schema import choice, items
+from petuner.train import distributed
 
 
 @dataclass
@@ -42,11 +43,14 @@ class MetricsLog:
         if cfg.name not in LOGGERS:
             raise ConfigError(f"logger={cfg.name!r}: allowed: {', '.join(LOGGERS)}")
         self.path = Path(run_dir) / METRICS_FILE
+        self.wandb: Any = None
+        self.enabled = distributed.is_writer()  # one metrics.jsonl and one wandb run: rank 0's
+        if not self.enabled:
+            return
         if resume_step is not None:
             self._truncate_after(resume_step)
         else:  # a fresh start: whatever an attempt that died before its first checkpoint logged is void
             self.path.unlink(missing_ok=True)
-        self.wandb: Any = None
         if cfg.name == "wandb" and cfg.mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
 
@@ -63,6 +67,8 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -25,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from petuner.data import DataBundle
 from petuner.data.sft import IGNORE
+from petuner.train import distributed, fsdp
 from petuner.train.checkpoint import save_checkpoint
 from petuner.train.device import autocast, peak_memory
 from petuner.train.hooks import Hook, TrainState
@@ -33,11 +34,17 @@ from petuner.train.logging import MetricsLog
 log = logging.getLogger(__name__)
 
 
+def epoch_batches(order: list[int], size: int) -> list[list[int]]:
+    """An epoch's global batches of ``size`` examples (``trainer.batch_size`` is global: all ranks together)."""
+    return distributed.whole_batches([order[i:i + size] for i in range(0, len(order), size)])
+
+
 def total_steps(cfg: Any, train_examples: int) -> int:
     """Optimizer steps in the run: ``max_steps``, or ``epochs`` worth of accumulated batches."""
     if cfg.max_steps:
         return int(cfg.max_steps)
-    return int(cfg.epochs) * math.ceil(math.ceil(train_examples / cfg.batch_size) / cfg.grad_accum)
+    per_epoch = len(epoch_batches(list(range(train_examples)), cfg.batch_size))
+    return int(cfg.epochs) * math.ceil(per_epoch / cfg.grad_accum)
 
 
 def _private_generator() -> torch.Generator:
@@ -50,27 +57,39 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def labelled_items(batch: dict[str, torch.Tensor], kind: str) -> int:
+    """What a batch's loss averages over: its examples (classification) or its labelled next-token
+    positions (labels after the shift that are not IGNORE; true of packed rows too). Counted on the
+    host-side batch, before it moves to the device: no synchronisation."""
+    labels = batch["labels"]
+    return labels.shape[0] if kind == "classification" else int((labels[:, 1:] != IGNORE).sum())
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.device,
              compute_dtype: torch.dtype | None) -> dict[str, float]:
-    """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy)."""
+    """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy).
+
+    Under torchrun each rank evaluates its shard and the sums are added over ranks; the result is
+    the single-process one."""
     was_training = model.training
     model.eval()
-    loss_sum = weight = correct = 0.0
-    loader = DataLoader(data.eval, batch_size=batch_size, collate_fn=data.collate, generator=_private_generator())
-    for batch in loader:
-        batch = to_device(batch, device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss · items, items, correct
+    share, summed = distributed.eval_share(model, len(data.eval))
+    loader = DataLoader(share, batch_size=batch_size,
+                        collate_fn=lambda idx: data.collate([data.eval[i] for i in idx]),
+                        generator=_private_generator())
+    for host_batch in loader:
+        n = labelled_items(host_batch, data.kind)
+        batch = to_device(host_batch, device)
         with autocast(device, compute_dtype):
             out = model(**batch)
-        labels = batch["labels"]
+        sums[0] += out.loss.double() * n
+        sums[1] += n
         if data.kind == "classification":
-            n = labels.numel()
-            correct += (out.logits.argmax(-1) == labels).sum().item()
-        else:
-            n = (labels[:, 1:] != IGNORE).sum().item()
-        loss_sum += out.loss.float().item() * n
-        weight += n
+            sums[2] += (out.logits.argmax(-1) == batch["labels"]).sum()
     model.train(was_training)
+    loss_sum, weight, correct = (distributed.sum_over_ranks(sums) if summed else sums).tolist()
     metrics = {"eval/loss": loss_sum / weight}
     if data.kind == "classification":
         metrics["eval/accuracy"] = correct / weight
@@ -94,10 +113,11 @@ class Loop:
     compute_dtype: torch.dtype | None
     run_dir: Path
     metrics: MetricsLog
+    trained: nn.Module | None = None  # what forward/backward go through (DDP's wrapper); ``model`` if None
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.data.train) / self.cfg.batch_size)
+        return len(epoch_batches(list(range(len(self.data.train))), self.cfg.batch_size))
 
     def total_steps(self) -> int:
         return total_steps(self.cfg, len(self.data.train))
@@ -105,12 +125,13 @@ class Loop:
     # --- data -----------------------------------------------------------------------------------
 
     def micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches from global index ``start`` on; each epoch reshuffled with seed + epoch."""
+        """This rank's shares of the global micro-batches from index ``start`` on; every rank draws the
+        same order (seed + epoch) and takes its part of each global batch."""
         n, size = len(self.data.train), self.cfg.batch_size
         epoch, offset = divmod(start, self.batches_per_epoch)
         while True:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).tolist()
-            batches = [order[i:i + size] for i in range(0, n, size)][offset:]
+            batches = [distributed.shard(b) for b in epoch_batches(order, size)[offset:]]
             yield from DataLoader(self.data.train, batch_sampler=batches, collate_fn=self.data.collate,
                                   num_workers=self.cfg.num_workers, generator=_private_generator())
             epoch, offset = epoch + 1, 0
@@ -131,6 +152,30 @@ class Loop:
 
     # --- training -------------------------------------------------------------------------------
 
+    def accumulate(self, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+        """Forward and backward over one step's micro-batches (host-side; this rank's shares).
+
+        The step's loss is the mean over all of its labelled items, on every rank, however the global
+        batch is split: each micro-batch's mean loss weighs by its items over the step's total. The
+        total is counted on the host and summed over ranks on the device (no host sync). Scaling the
+        model's mean rather than passing ``num_items_in_batch`` works for every model, and weighs a
+        regulariser added to the loss in a forward hook (AdaLoRA's) once per step. DDP averages
+        gradients over ranks, hence × world. Returns this rank's part of the loss and its token count.
+        """
+        trained, world = self.trained or self.model, distributed.world_size()
+        items = [labelled_items(b, self.data.kind) for b in micro]
+        total = distributed.sum_over_ranks(torch.tensor(float(sum(items)), device=self.device))
+        loss_sum, tokens = torch.zeros((), device=self.device), 0
+        for i, host_batch in enumerate(micro):
+            tokens += int(host_batch["attention_mask"].sum())
+            batch = to_device(host_batch, self.device)
+            with distributed.no_sync(trained, last=i == len(micro) - 1):
+                with autocast(self.device, self.compute_dtype):
+                    loss = trained(**batch).loss.float() * (items[i] / total)
+                self.scaler.scale(loss * world).backward()
+            loss_sum += loss.detach()
+        return loss_sum, tokens
+
     def train(self, start_step: int = 0) -> dict[str, float]:
         cfg, model, optimizer = self.cfg, self.model, self.optimizer
         max_steps = self.total_steps()
@@ -142,29 +187,21 @@ class Loop:
         if start_step == 0:
             results.update({f"{k}_before": v for k, v in self.run_eval(state).items()})
         batches = self.micro_batches(start_step * cfg.grad_accum)
-        model.train()
+        (self.trained or model).train()
         with logging_redirect_tqdm(), tqdm(total=max_steps, initial=start_step, desc="train",
-                                           dynamic_ncols=True) as bar:
+                                           dynamic_ncols=True, disable=not distributed.is_writer()) as bar:
             while state.step < max_steps:
                 t0 = time.perf_counter()
                 state.metrics, state.skip_update = {}, False
                 for hook in self.hooks:
                     hook.before_step(state)
-                loss_sum, tokens = 0.0, 0
-                for _ in range(cfg.grad_accum):
-                    batch = to_device(next(batches), self.device)
-                    with autocast(self.device, self.compute_dtype):
-                        loss = model(**batch).loss / cfg.grad_accum
-                    self.scaler.scale(loss).backward()
-                    loss_sum += loss.item()
-                    tokens += int(batch["attention_mask"].sum())
+                state.loss, tokens = self.accumulate([next(batches) for _ in range(cfg.grad_accum)])
                 for opt in optimizers:  # every gradient a step uses, the hooks' own included, unscaled
                     self.scaler.unscale_(opt)
-                state.loss = loss_sum
                 for hook in self.hooks:
                     hook.after_backward(state)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
-                             if cfg.max_grad_norm else float("nan"))
+                grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                             if cfg.max_grad_norm else torch.tensor(math.nan))
                 lr = optimizer.param_groups[0]["lr"]
                 if not state.skip_update:
                     self.scaler.step(optimizer)
@@ -176,11 +213,14 @@ class Loop:
                     hook.after_optimizer_step(state)
 
                 seconds = time.perf_counter() - t0
-                state.metrics.update({"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
-                                      "train/tokens_per_s": tokens / seconds, "train/step_s": seconds})
-                if state.step % cfg.log_every == 0 or state.step == max_steps:
+                if state.step % cfg.log_every == 0 or state.step == max_steps:  # the step's only reads of the device
+                    loss, tokens = distributed.sum_over_ranks(torch.stack(
+                        [state.loss.float(), torch.tensor(float(tokens), device=self.device)])).tolist()
+                    state.metrics.update({"train/loss": loss, "train/lr": lr,
+                                          "train/grad_norm": fsdp.local(grad_norm).item(),
+                                          "train/tokens_per_s": tokens / seconds, "train/step_s": seconds})
                     self.metrics.log(state.metrics, state.step)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
                 bar.update(1)
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < max_steps:
                     self.run_eval(state)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petuner.train import fsdp
 from petuner.train.hooks import Hook, TrainState
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def _tensors(value: Any) -> Iterable[torch.Tensor]:
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors``."""
     seen: dict[tuple[torch.device, int], int] = {}
-    for t in tensors:
+    for t in map(fsdp.local, tensors):  # a sharded tensor: this rank's shard
         storage = t.untyped_storage()
         seen[(t.device, storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())

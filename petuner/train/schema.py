@@ -8,6 +8,7 @@ from typing import Any
 from petuner.errors import ConfigError
 from petuner.schema import choice, flag, number
 from petuner.train.device import PRECISIONS
+from petuner.train.distributed import STRATEGIES
 from petuner.train.guard import ACTIONS
 
 
@@ -32,6 +33,7 @@ class TrainerSchema:
     loss_chunk: int | None = steps(None)  # causal LM: output layer + loss over chunks of this many positions
     compile: bool = flag(False)  # torch.compile the model (per decoder layer if the whole fails)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (checked against the machine when the run starts)
+    strategy: str = choice("ddp", STRATEGIES)  # under torchrun: ddp (replicate) | fsdp (shard, FSDP2)
     seed: int = number(42, strict=False, integer=True)
     eval_every: int | None = steps(None)  # steps between evaluations (always before and after training)
     eval_batch_size: int = count(16)
