@@ -11,12 +11,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def load(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
+def load(path: str | Path, *, trust_remote_code: bool = False, **kwargs: Any) -> tuple[Any, Any]:
     """A trained model (eval mode, CPU) and its tokenizer, from a run folder or a petuner export.
 
     Files listed in the folder's checksum manifest are verified before anything is loaded. A run folder
-    gives petuner's model with its adapter; a merged export the plain transformers model; a peft export
-    the ``PeftModel`` on its rebuilt base.
+    gives petuner's model with its adapter (``checkpoint="best"|"last"|"step-N"`` picks other weights);
+    a merged export the plain transformers model; a peft export the ``PeftModel`` on its rebuilt base.
+    A folder whose model needs its own code is refused unless ``trust_remote_code=True`` is passed here:
+    the folder's own ``trust_remote_code: true`` is a request, never a permission.
     """
     from petuner.manifest import read_manifest, verify_manifest
     from petuner.run_folder import load as load_run
@@ -24,8 +26,8 @@ def load(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
 
     manifest = read_manifest(Path(path))
     if manifest is not None and manifest.get("kind", "").startswith("export-"):
-        return load_export(Path(path), verify_manifest(Path(path)))
-    loaded = load_run(path, **kwargs)  # verifies the run folder's manifest itself
+        return load_export(Path(path), verify_manifest(Path(path)), trust_remote_code=trust_remote_code)
+    loaded = load_run(path, trust_remote_code=trust_remote_code, **kwargs)  # verifies the run folder's manifest itself
     return loaded.model, loaded.tokenizer
 
 

@@ -33,6 +33,11 @@ def check_trainer_cfg(cfg: Any) -> None:
     for key in ("seed", "num_workers"):
         check_number(cfg, key, "trainer", strict=False, integer=True)
     check_number(cfg, "max_grad_norm", "trainer", optional=True)
+    check_number(cfg, "early_stopping_patience", "trainer", low=1, strict=False, integer=True, optional=True)
+    check_number(cfg, "early_stopping_min_delta", "trainer", low=0, strict=False)
+    if cfg.early_stopping_patience and not cfg.eval_every:
+        raise ConfigError(f"trainer.early_stopping_patience={cfg.early_stopping_patience} needs evaluations: "
+                          "set trainer.eval_every")
     if cfg.precision not in ("auto", *PRECISIONS):
         raise ConfigError(f"trainer.precision={cfg.precision!r}: allowed: auto, {', '.join(PRECISIONS)}")
     if cfg.on_nonfinite not in ACTIONS:
@@ -47,7 +52,7 @@ def validate(cfg: DictConfig) -> None:
     from petuner.data import check_data_cfg
     from petuner.models import check_model_cfg
     from petuner.optim import check_optimizer_cfg
-    from petuner.train.logging import LOGGERS
+    from petuner.train.logging import logger_names
 
     for group in ("model", "data", "adapter", "optimizer", "trainer", "logger"):
         if group not in cfg or not isinstance(cfg[group], DictConfig):
@@ -57,8 +62,11 @@ def validate(cfg: DictConfig) -> None:
     build_adapter(cfg.adapter)
     check_optimizer_cfg(cfg.optimizer)
     check_trainer_cfg(cfg.trainer)
-    if cfg.logger.name not in LOGGERS:
-        raise ConfigError(f"logger={cfg.logger.name!r}: allowed: {', '.join(LOGGERS)}")
+    logger_names(cfg.logger)
+    from petuner.train.best import DIRECTIONS
+
+    if cfg.objective not in DIRECTIONS:
+        raise ConfigError(f"objective={cfg.objective!r}: allowed: {', '.join(DIRECTIONS)}")
     if cfg.get("export") not in EXPORTS:
         raise ConfigError(f"export={cfg.export!r}: allowed: null, merged, peft")
 
@@ -129,8 +137,12 @@ def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> 
         key = override.key_or_group
         if key not in groups or override.is_delete():
             continue
-        values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
-                  else [override.get_value_element_as_str()])
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        elif isinstance(override.value(), list):  # several options at once, e.g. logger=[tensorboard,csv]
+            values = [str(v) for v in override.value()]
+        else:
+            values = [override.get_value_element_as_str()]
         allowed = group_choices(key, conf_dir)
         for value in values:
             if value not in allowed:

@@ -26,6 +26,7 @@ from petuner.manifest import write_manifest
 from petuner.models import context_length, head_modules, load_model, load_tokenizer, model_config, model_source
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, read_config
+from petuner.train.best import BestCheckpoint, check_objective
 from petuner.train.checkpoint import latest_checkpoint, load_checkpoint, save_tensors
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
 from petuner.train.guard import NonFiniteGuard
@@ -96,6 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg.data, tokenizer, cfg.model.task)
+    check_objective(cfg.objective, data.kind)
 
     model = load_model(cfg.model, data.num_labels)
     method.prepare(model, calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size))
@@ -132,8 +134,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     memory = MemoryHook()  # last: it sees the gradients the optimizer will use
     scaler = grad_scaler(device, compute_dtype)
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite, check_grads=not scaler.is_enabled())  # first: may veto
+    best = [BestCheckpoint(run_dir, cfg.objective, cfg.trainer.early_stopping_patience,
+                           cfg.trainer.early_stopping_min_delta)] if cfg.trainer.eval_every else []
     loop = Loop(model=model, data=data, optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, hooks=[guard, *method.hooks(model), memory], cfg=cfg.trainer,
+                scaler=scaler, hooks=[guard, *method.hooks(model), *best, memory], cfg=cfg.trainer,
                 device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics)
     start = 0
     if checkpoint is not None:
@@ -143,6 +147,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         results = loop.train(start)
         results.update(memory.report(model, optimizer))
+        for hook in best:
+            results.update(hook.report())
         metrics.log({k: v for k, v in results.items() if k.startswith("memory/")}, loop.total_steps())
         metrics.summary(results)
     finally:
@@ -150,7 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with atomic_file(run_dir / ADAPTER_FILE) as tmp:
         save_tensors(adapter_state_dict(model), tmp)
     write_manifest(run_dir, {"kind": "run"}, files=[ADAPTER_FILE, CONFIG_FILE])
-    info.update({"results": results, "steps": loop.total_steps()})
+    info.update({"results": results, "steps": int(results.get("early_stopping/step", loop.total_steps()))})
     atomic_write_json(run_dir / RUN_FILE, info)
     log.info("done: %s", "  ".join(f"{k}={v:.4g}" for k, v in results.items()))
     log.info("saved run to %s", run_dir)

@@ -28,6 +28,7 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)
     loss: float = 0.0  # this step's training loss, set before after_backward
     skip_update: bool = False  # a hook may veto this step's parameter update (the non-finite guard does)
+    stop: bool = False  # a hook may end training early (early stopping does); the loop checkpoints and stops
     run_dir: Path | None = None  # where a hook may write its own artefacts (e.g. SoRA's sparsity curve)
     evaluate: Callable[[], dict[str, float]] | None = None  # held-out evaluation, for hooks that sweep it
 
