@@ -63,7 +63,7 @@ def validate(cfg: DictConfig) -> None:
     check_optimizer_cfg(cfg.optimizer)
     check_trainer_cfg(cfg.trainer)
     logger_names(cfg.logger)
-    from petuner.train.best import DIRECTIONS
+    from petuner.choices import DIRECTIONS
 
     if cfg.objective not in DIRECTIONS:
         raise ConfigError(f"objective={cfg.objective!r}: allowed: {', '.join(DIRECTIONS)}")

@@ -148,6 +148,7 @@ def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = Fals
         (tmp / "README.md").write_text(model_card(run, fmt))
         write_manifest(tmp, {"kind": f"export-{fmt}", "model": OmegaConf.to_container(run.cfg.model),
                              "task": run.info["task"], "label_names": run.info.get("label_names") or [],
-                             "rank": rank})
+                             "rank": rank, "data_kind": run.info.get("data_kind"),
+                             "system_prompt": run.cfg.data.get("system_prompt")})
     log.info("exported %s (%s) to %s", run_dir, fmt, out)
     return out

@@ -128,6 +128,16 @@ def folder_task(path: Path | str) -> str:
     return str(read_config(path).model.task)
 
 
+def folder_labels(path: Path | str) -> list[str]:
+    """The class names a classification run or export learnt ([] for a language model)."""
+    from petuner.manifest import read_manifest
+
+    manifest = read_manifest(Path(path))
+    if manifest is not None and str(manifest.get("kind", "")).startswith("export-"):
+        return list(manifest.get("label_names") or [])
+    return list(read_info(path).get("label_names") or [])
+
+
 def load(run_dir: Path | str, *, weights: str | Path | None = None, checkpoint: str | None = None,
          trust_remote_code: bool = False) -> LoadedRun:
     """The trained model (eval mode, CPU, adapter un-merged) and its tokenizer.

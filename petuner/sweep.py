@@ -24,9 +24,9 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, open_dict
 
+from petuner.choices import DIRECTIONS
 from petuner.errors import PetunerError
 from petuner.io import atomic_file, atomic_write_json, atomic_write_text
-from petuner.train.best import DIRECTIONS
 
 log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from petuner.adapters import adapter_state_dict
+from petuner.choices import DIRECTIONS, KIND_METRICS
 from petuner.errors import ConfigError
 from petuner.io import atomic_dir, atomic_write_json
 from petuner.manifest import write_manifest
@@ -23,9 +24,6 @@ from petuner.train.hooks import Hook, TrainState
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
-DIRECTIONS = {"eval/loss": "minimize", "eval/perplexity": "minimize", "eval/accuracy": "maximize"}
-KIND_METRICS = {"classification": ("eval/loss", "eval/accuracy"),
-                "sft": ("eval/loss", "eval/perplexity"), "text": ("eval/loss", "eval/perplexity")}
 
 
 def check_objective(objective: str, data_kind: str) -> None:

@@ -84,6 +84,8 @@ class MlflowSink(Sink):
         from mlflow.tracking import MlflowClient
 
         uri = cfg.get("tracking_uri") or (Path(run_dir) / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):  # MLflow 3 keeps its file store behind this switch (no database needed)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(cfg.experiment)
         experiment_id = (experiment.experiment_id if experiment is not None
