@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = commands.add_parser("export", help="write a run as a peft folder, a merged HF model or a GGUF file")
     _loading_args(exp)
     exp.add_argument("--format", choices=EXPORT_FORMATS, default="peft")
-    exp.add_argument("--dtype", choices=GGUF_DTYPES, default="f16", help="GGUF tensor type (default f16)")
+    exp.add_argument("--dtype", choices=GGUF_DTYPES, help="GGUF tensor type (default f16)")
     exp.add_argument("--out", help="destination folder, or file for gguf (default: RUN_DIR/export-FORMAT)")
     exp.add_argument("--force", action="store_true", help="replace a non-empty destination")
     exp.add_argument("--rank", type=int, help="export a rank-dynamic adapter (dylora) truncated to this rank")
