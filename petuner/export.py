@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from petuner.adapters import LoRAFactors, adapter_layers, adapter_state_dict, unload
-from petuner.errors import PetunerError
 from petuner.choices import EXPORT_FORMATS, GGUF_DTYPES
+from petuner.errors import PetunerError
 from petuner.io import atomic_dir, atomic_file
 from petuner.manifest import write_manifest
 from petuner.models import load_model

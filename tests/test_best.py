@@ -85,12 +85,12 @@ def test_bad_early_stopping_values_are_one_line_before_anything_is_written(cfg_f
 
 
 def test_patience_without_evaluations_is_one_line(cfg_factory) -> None:
-    with pytest.raises(ConfigError, match="needs evaluations: set trainer.eval_every"):
+    with pytest.raises(ConfigError, match=r"needs evaluations: set trainer\.eval_every"):
         run(cfg_factory("trainer.early_stopping_patience=2"))
 
 
 def test_objective_the_data_does_not_measure_is_one_line(cfg_factory) -> None:
-    with pytest.raises(ConfigError, match="objective='eval/accuracy' is not measured on data.kind=sft data"):
+    with pytest.raises(ConfigError, match=r"objective='eval/accuracy' is not measured on data\.kind=sft data"):
         run(cfg_factory("trainer.eval_every=1", "objective=eval/accuracy"))
 
 

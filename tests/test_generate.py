@@ -88,7 +88,8 @@ def test_chat_keeps_the_history_and_resets(varied_run, monkeypatch) -> None:
     first_answer = gen.answer(["Hello, who are you?"], GREEDY)[0]
     assert "Hello, who are you?" in seen[1] and first_answer in seen[1]  # turn 2 sees turn 1
     assert "Hello, who are you?" not in seen[2]  # /reset forgot it
-    assert history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": gen.answer(["hi"], GREEDY)[0]}]
+    assert history == [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": gen.answer(["hi"], GREEDY)[0]}]
     assert first_answer in stdout.getvalue() and "(history cleared)" in stdout.getvalue()
 
 
@@ -105,4 +106,5 @@ def test_chat_through_a_pipe_answers_two_turns(varied_run) -> None:
                 {"role": "user", "content": "Tell me a joke"}]
     second = gen.decode(gen.generate_ids(gen.encode([gen.messages_text(messages)]), GREEDY))[0]
     turns = [t.strip() for t in done.stdout.split("> ") if t.strip()]
-    assert first and second and turns == [first, second]  # the second answer is the one generated with the first turn in context
+    # The second answer is the one generated with the first turn in context.
+    assert first and second and turns == [first, second]

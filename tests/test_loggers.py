@@ -106,6 +106,7 @@ def test_unknown_logger_is_one_line(args, message) -> None:
 
 
 def test_unknown_logger_entry_in_code_is_one_line_before_anything_is_written(cfg_factory, tmp_path) -> None:
-    with pytest.raises(ConfigError, match="logger 'neptune' is unknown; allowed: wandb, tensorboard, mlflow, csv, none"):
+    with pytest.raises(ConfigError) as err:
         run(cfg_factory("+logger.neptune={}"))
+    assert str(err.value).startswith("logger 'neptune' is unknown; allowed: wandb, tensorboard, mlflow, csv, none")
     assert not (tmp_path / "run").exists()
