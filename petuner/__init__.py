@@ -20,12 +20,15 @@ def load(path: str | Path, *, trust_remote_code: bool = False, **kwargs: Any) ->
     A folder whose model needs its own code is refused unless ``trust_remote_code=True`` is passed here:
     the folder's own ``trust_remote_code: true`` is a request, never a permission.
     """
+    from petuner.errors import PetunerError
     from petuner.manifest import read_manifest, verify_manifest
     from petuner.run_folder import load as load_run
     from petuner.run_folder import load_export
 
     manifest = read_manifest(Path(path))
     if manifest is not None and manifest.get("kind", "").startswith("export-"):
+        if kwargs:
+            raise PetunerError(f"{', '.join(kwargs)}: {path} is an export, which holds one set of weights")
         return load_export(Path(path), verify_manifest(Path(path)), trust_remote_code=trust_remote_code)
     loaded = load_run(path, trust_remote_code=trust_remote_code, **kwargs)  # verifies the run folder's manifest itself
     return loaded.model, loaded.tokenizer
