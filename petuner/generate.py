@@ -64,7 +64,7 @@ class Generator:
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         self.tokenizer.padding_side = "left"
-        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat_format)
+        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)  # as training did
 
     def generate_ids(self, batch: dict[str, torch.Tensor], sampling: Sampling, streamer: Any = None) -> torch.Tensor:
         """New token ids per row (prompt cut off; padding after an early end of sequence left in)."""

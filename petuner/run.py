@@ -59,7 +59,7 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
         raise PetunerError(f"trainer.resume=true but run_dir={str(run_dir)!r} has no checkpoint")
     saved = read_config(run_dir)
     for section in RESUME_SECTIONS:
-        if OmegaConf.to_container(saved[section]) != OmegaConf.to_container(cfg[section], resolve=True):
+        if OmegaConf.to_container(saved[section], resolve=True) != OmegaConf.to_container(cfg[section], resolve=True):
             raise PetunerError(f"trainer.resume=true but the {section} config differs from the one "
                                f"{run_dir}/{CONFIG_FILE} trained with")
     return run_dir, checkpoint
