@@ -1,5 +1,4 @@
-"""The ``petuner`` command: work on trained runs (``generate``, ``chat``, ``eval``, ``export``, ``eval-ranks``,
-``sweep-report``).
+"""The ``petuner`` command: generate, chat, eval and export trained runs; eval-ranks, sweep-report.
 
 Training itself is ``python train.py`` (Hydra). Bad input is one line on stderr and exit status 2.
 """

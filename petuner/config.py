@@ -49,6 +49,7 @@ def check_trainer_cfg(cfg: Any) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check every group of a composed run config; raises ConfigError naming the first bad value."""
     from petuner.adapters import build_adapter
+    from petuner.choices import DIRECTIONS
     from petuner.data import check_data_cfg
     from petuner.models import check_model_cfg
     from petuner.optim import check_optimizer_cfg
@@ -63,8 +64,6 @@ def validate(cfg: DictConfig) -> None:
     check_optimizer_cfg(cfg.optimizer)
     check_trainer_cfg(cfg.trainer)
     logger_names(cfg.logger)
-    from petuner.choices import DIRECTIONS
-
     if cfg.objective not in DIRECTIONS:
         raise ConfigError(f"objective={cfg.objective!r}: allowed: {', '.join(DIRECTIONS)}")
     if cfg.get("export") not in EXPORTS:

@@ -149,14 +149,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results.update(memory.report(model, optimizer))
         for hook in best:
             results.update(hook.report())
-        metrics.log({k: v for k, v in results.items() if k.startswith("memory/")}, loop.total_steps())
+        steps = int(results.get("early_stopping/step", loop.total_steps()))
+        metrics.log({k: v for k, v in results.items() if k.startswith("memory/")}, steps)
         metrics.summary(results)
     finally:
         metrics.close()
     with atomic_file(run_dir / ADAPTER_FILE) as tmp:
         save_tensors(adapter_state_dict(model), tmp)
     write_manifest(run_dir, {"kind": "run"}, files=[ADAPTER_FILE, CONFIG_FILE])
-    info.update({"results": results, "steps": int(results.get("early_stopping/step", loop.total_steps()))})
+    info.update({"results": results, "steps": steps})
     atomic_write_json(run_dir / RUN_FILE, info)
     log.info("done: %s", "  ".join(f"{k}={v:.4g}" for k, v in results.items()))
     log.info("saved run to %s", run_dir)
