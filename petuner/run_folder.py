@@ -68,7 +68,7 @@ def read_config(run_dir: Path | str) -> DictConfig:
 
 def check_remote_code(model_cfg: Any, where: Path | str, trust_remote_code: bool) -> None:
     """Refuse a folder that asks to run its model's own code unless the caller allowed it on this call."""
-    if model_cfg.get("trust_remote_code") is True and not trust_remote_code:
+    if model_cfg.get("trust_remote_code") not in (False, None) and not trust_remote_code:
         raise PetunerError(f"{where} asks to run the model's own code (model.trust_remote_code: true, model "
                            f"{model_cfg.get('name_or_path')}); refused: pass trust_remote_code=True "
                            "(--trust-remote-code) only if you trust its author")
@@ -177,8 +177,14 @@ def load_export(folder: Path, manifest: dict[str, Any], *, trust_remote_code: bo
     model_cfg = literal_config(manifest["model"])
     check_remote_code(model_cfg, folder, trust_remote_code)
     if manifest["kind"] == "export-merged":
-        allow = bool(model_cfg.get("trust_remote_code"))
-        model = auto_model_class(manifest["task"]).from_pretrained(str(folder), trust_remote_code=allow)
+        allow = trust_remote_code  # the caller's permission; a request without it was refused above
+        try:
+            model = auto_model_class(manifest["task"]).from_pretrained(str(folder), trust_remote_code=allow)
+        except ValueError as err:  # config.json maps to code in the folder that nobody allowed to run
+            if "trust_remote_code" not in str(err):
+                raise
+            raise PetunerError(f"{folder} holds model code of its own; refused: pass trust_remote_code=True "
+                               "(--trust-remote-code) only if you trust its author") from None
         return model.eval(), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=allow)
     from peft import PeftModel
 

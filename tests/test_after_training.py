@@ -151,3 +151,20 @@ def test_bad_input_is_one_line_and_writes_nothing(trained_run, trained_cls_run, 
         assert message in one_line_exit_2(capsys, argv), name
     assert snapshot(run_dir) == before
     assert not any((tmp_path / n).exists() for n in ("o", "o.gguf"))
+
+
+def test_merged_export_with_its_own_code_is_refused_without_the_flag(tmp_path) -> None:
+    from petuner.models import load_tokenizer
+    from petuner.run_folder import literal_config
+
+    marker, folder = tmp_path / "MARKER", tmp_path / "export"
+    write_custom_code_model(folder, marker)
+    load_tokenizer(literal_config({"tokenizer": "asset:smollm2-tokenizer", "trust_remote_code": False})) \
+        .save_pretrained(folder)
+    write_manifest(folder, {"kind": "export-merged", "task": "causal_lm", "label_names": [],
+                            "model": {"name_or_path": "theirs", "trust_remote_code": False}})
+    with pytest.raises(PetunerError, match="holds model code of its own; refused"):
+        petuner.load(folder)
+    assert not marker.exists()
+    model, _ = petuner.load(folder, trust_remote_code=True)
+    assert type(model).__name__ == "MarkerForCausalLM" and marker.exists()
