@@ -108,3 +108,18 @@ def test_chat_through_a_pipe_answers_two_turns(varied_run) -> None:
     turns = [t.strip() for t in done.stdout.split("> ") if t.strip()]
     # The second answer is the one generated with the first turn in context.
     assert first and second and turns == [first, second]
+
+
+def test_chat_ends_cleanly_on_ctrl_c_and_exit(varied_run) -> None:
+    gen = load_generator(varied_run)
+
+    class CtrlCAfterOneLine(io.StringIO):
+        def readline(self, *args) -> str:
+            line = super().readline(*args)
+            if not line:
+                raise KeyboardInterrupt
+            return line
+
+    stdout = io.StringIO()
+    assert len(chat(gen, GREEDY, CtrlCAfterOneLine("hi\n"), stdout)) == 2 and stdout.getvalue().endswith("> \n")
+    assert chat(gen, GREEDY, io.StringIO("/exit\nhi\n"), io.StringIO()) == []
