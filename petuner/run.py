@@ -134,10 +134,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     memory = MemoryHook()  # last: it sees the gradients the optimizer will use
     scaler = grad_scaler(device, compute_dtype)
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite, check_grads=not scaler.is_enabled())  # first: may veto
-    best = [BestCheckpoint(run_dir, cfg.objective, cfg.trainer.early_stopping_patience,
-                           cfg.trainer.early_stopping_min_delta)] if cfg.trainer.eval_every else []
+    best = BestCheckpoint(run_dir, cfg.objective, cfg.trainer.early_stopping_patience,
+                          cfg.trainer.early_stopping_min_delta, enabled=bool(cfg.trainer.eval_every))
     loop = Loop(model=model, data=data, optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, hooks=[guard, *method.hooks(model), *best, memory], cfg=cfg.trainer,
+                scaler=scaler, hooks=[guard, *method.hooks(model), best, memory], cfg=cfg.trainer,
                 device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics)
     start = 0
     if checkpoint is not None:
@@ -147,8 +147,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         results = loop.train(start)
         results.update(memory.report(model, optimizer))
-        for hook in best:
-            results.update(hook.report())
+        results.update(best.report())
         steps = int(results.get("early_stopping/step", loop.total_steps()))
         metrics.log({k: v for k, v in results.items() if k.startswith("memory/")}, steps)
         metrics.summary(results)

@@ -119,3 +119,9 @@ def test_sigkilled_early_stopping_run_resumes_to_the_same_result(tmp_path) -> No
                            capture_output=True, text=True)  # resuming a stopped run trains no further
     assert again.returncode == 0 and max(eval_losses(resumed)) == stop
 
+
+
+def test_resume_may_switch_evaluations_on(cfg_factory, tmp_path) -> None:
+    run(cfg_factory("trainer.max_steps=3"))
+    info = run(cfg_factory("trainer.eval_every=1", "trainer.max_steps=6", "trainer.resume=true"))
+    assert info["steps"] == 6 and (tmp_path / "run" / "best" / "best.json").is_file()

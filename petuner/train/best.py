@@ -37,7 +37,8 @@ def check_objective(objective: str, data_kind: str) -> None:
 class BestCheckpoint(Hook):
     """``best/`` by ``objective``; early stopping after ``patience`` evaluations without improvement."""
 
-    def __init__(self, run_dir: Path, objective: str, patience: int | None, min_delta: float):
+    def __init__(self, run_dir: Path, objective: str, patience: int | None, min_delta: float, enabled: bool = True):
+        self.enabled = enabled  # always in the hook list, so a resume may switch trainer.eval_every on or off
         self.folder = Path(run_dir) / BEST_DIR
         self.objective, self.patience, self.min_delta = objective, patience, float(min_delta)
         self.sign = 1.0 if DIRECTIONS[objective] == "minimize" else -1.0
@@ -47,6 +48,8 @@ class BestCheckpoint(Hook):
         self.stopped_at: int | None = None
 
     def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         value = self.sign * metrics[self.objective]
         if value < self.best - self.min_delta:
             self.best, self.best_step, self.bad_evals = value, state.step, 0
