@@ -39,6 +39,8 @@ class Sampling:
             raise PetunerError(f"--temperature {self.temperature}: must be >= 0 (0: greedy)")
         if not 0 < self.top_p <= 1:
             raise PetunerError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.temperature == 0 and (self.top_p != 1 or self.seed != 0):
+            raise PetunerError("--top-p and --seed shape sampling: set --temperature > 0 (0 is greedy decoding)")
 
 
 @dataclass

@@ -146,6 +146,8 @@ def test_bad_input_is_one_line_and_writes_nothing(trained_run, trained_cls_run, 
                                 "petuner eval takes data=... and data.*=... overrides only"),
         "negative temperature": (["generate", str(run_dir), "--prompt", "hi", "--temperature", "-1"],
                                  "--temperature -1.0: must be >= 0"),
+        "top-p while greedy": (["generate", str(run_dir), "--prompt", "hi", "--top-p", "0.9"],
+                               "--top-p and --seed shape sampling: set --temperature > 0"),
     }
     for name, (argv, message) in cases.items():
         assert message in one_line_exit_2(capsys, argv), name
