@@ -46,7 +46,7 @@ def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _tensor(name: str, weight: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
+def _tensor(weight: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
     """The array to write and its GGML type (None: taken from the numpy dtype)."""
     import gguf
 
@@ -94,7 +94,7 @@ def write_tensors(writer: Any, model: torch.nn.Module, dtype: str) -> None:
             weight = permute_rotary(weight, config.num_attention_heads)
         elif key.endswith("self_attn.k_proj.weight"):
             weight = permute_rotary(weight, config.num_key_value_heads)
-        data, raw = _tensor(name, weight, dtype)
+        data, raw = _tensor(weight, dtype)
         writer.add_tensor(name, data, raw_dtype=raw)
 
 
