@@ -1,4 +1,4 @@
-"""The ``petuner`` command: work on trained runs (``export``, ``eval-ranks``, ``sweep-report``).
+"""The ``petuner`` command: generate, chat, eval and export trained runs; eval-ranks, sweep-report.
 
 Training itself is ``python train.py`` (Hydra). Bad input is one line on stderr and exit status 2.
 """
@@ -9,17 +9,84 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+from petuner.choices import DIRECTIONS, EXPORT_FORMATS, GGUF_DTYPES
 from petuner.errors import PetunerError
-from petuner.sweep import DIRECTIONS
 
 
 def _export(args: argparse.Namespace) -> None:
     from petuner.export import export
 
-    out = export(args.run_dir, args.format, args.out or f"{args.run_dir.rstrip('/')}/export-{args.format}",
-                 force=args.force, rank=args.rank)
+    suffix = ".gguf" if args.format == "gguf" else ""
+    out = export(args.run_dir, args.format, args.out or f"{args.run_dir.rstrip('/')}/export-{args.format}{suffix}",
+                 force=args.force, rank=args.rank, checkpoint=args.checkpoint, dtype=args.dtype,
+                 trust_remote_code=args.trust_remote_code)
     print(out)
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from petuner.generate import Sampling
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    sampling.check()
+    return sampling
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from petuner.generate import generate_file, load_generator, read_prompts
+
+    if (args.prompt is None) == (args.file is None):
+        raise PetunerError("give either --prompt TEXT or --file prompts.jsonl (with --out answers.jsonl)")
+    if args.file is not None and args.out is None:
+        raise PetunerError("--file needs --out answers.jsonl")
+    if args.batch_size < 1:
+        raise PetunerError(f"--batch-size {args.batch_size}: must be >= 1")
+    sampling = _sampling(args)
+    prompts = read_prompts(Path(args.file)) if args.file else [args.prompt]
+    gen = load_generator(args.run_dir, checkpoint=args.checkpoint, trust_remote_code=args.trust_remote_code)
+    if args.file:
+        generate_file(gen, prompts, Path(args.out), sampling, args.batch_size)
+        print(args.out)
+    else:
+        print(gen.answer(prompts, sampling)[0])
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from petuner.generate import chat, load_generator
+
+    sampling = _sampling(args)
+    gen = load_generator(args.run_dir, checkpoint=args.checkpoint, trust_remote_code=args.trust_remote_code)
+    print("chatting with", args.run_dir, "(/reset clears the history, /exit or Ctrl-D leaves)", file=sys.stderr)
+    chat(gen, sampling, sys.stdin, sys.stdout)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from petuner.evaluate import evaluate_run
+
+    if args.batch_size < 1:
+        raise PetunerError(f"--batch-size {args.batch_size}: must be >= 1")
+    out, report = evaluate_run(args.run_dir, args.overrides, split=args.split, batch_size=args.batch_size,
+                               checkpoint=args.checkpoint, trust_remote_code=args.trust_remote_code)
+    print("  ".join(f"{k}={v:.4f}" for k, v in report.items() if k.startswith("eval/")),
+          f"({report['examples']} examples)")
+    print(out)
+
+
+def _loading_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments every command that loads a run shares."""
+    parser.add_argument("run_dir", help="a run folder (adapters/<run>) or a petuner export")
+    parser.add_argument("--checkpoint", help="best, last (default) or step-N: which of a run folder's weights")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the model's own Python code to run (only for folders you trust)")
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def _eval_ranks(args: argparse.Namespace) -> None:
@@ -38,10 +105,29 @@ def _sweep_report(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="petuner", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    exp = commands.add_parser("export", help="write a run's adapter as a peft folder or a merged HF model")
-    exp.add_argument("run_dir", help="a run folder (adapters/<run>)")
-    exp.add_argument("--format", choices=("peft", "merged", "quantized"), default="peft")
-    exp.add_argument("--out", help="destination folder (default: RUN_DIR/export-FORMAT)")
+    gen = commands.add_parser("generate", help="answer prompts with a trained run (batched)")
+    _loading_args(gen)
+    gen.add_argument("--prompt", help="one prompt; the answer is printed")
+    gen.add_argument("--file", help="prompts.jsonl: one {\"prompt\": ...} per line")
+    gen.add_argument("--out", help="answers.jsonl for --file: {prompt, response} per line")
+    gen.add_argument("--batch-size", type=int, default=8)
+    _sampling_args(gen)
+    gen.set_defaults(func=_generate)
+    talk = commands.add_parser("chat", help="talk to a trained run on stdin, answers streamed")
+    _loading_args(talk)
+    _sampling_args(talk)
+    talk.set_defaults(func=_chat)
+    ev = commands.add_parser("eval", help="held-out loss, perplexity or accuracy on other data (data=... overrides)")
+    _loading_args(ev)
+    ev.add_argument("overrides", nargs="*", help="data=... and data.*=... as for train.py")
+    ev.add_argument("--split", default="eval", help="eval (default: the held-out split training would make) or all")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.set_defaults(func=_eval)
+    exp = commands.add_parser("export", help="write a run as a peft folder, a merged HF model or a GGUF file")
+    _loading_args(exp)
+    exp.add_argument("--format", choices=EXPORT_FORMATS, default="peft")
+    exp.add_argument("--dtype", choices=GGUF_DTYPES, help="GGUF tensor type (default f16)")
+    exp.add_argument("--out", help="destination folder, or file for gguf (default: RUN_DIR/export-FORMAT)")
     exp.add_argument("--force", action="store_true", help="replace a non-empty destination")
     exp.add_argument("--rank", type=int, help="export a rank-dynamic adapter (dylora) truncated to this rank")
     exp.set_defaults(func=_export)

@@ -43,7 +43,6 @@ def schemas() -> dict[str, dict[str, type]]:
     from petuner.data.schema import DataSchema
     from petuner.models import ModelSchema
     from petuner.optim import OPTIMIZERS
-    from petuner.train.logging import LOGGERS
     from petuner.train.schema import TrainerSchema
 
     return {
@@ -52,7 +51,7 @@ def schemas() -> dict[str, dict[str, type]]:
         "adapter": {f"{n}_schema": get_adapter_class(n).schema for n in adapter_names()},
         "optimizer": {f"{n}_schema": spec.schema for n, spec in OPTIMIZERS.items()},
         "trainer": {"trainer_schema": TrainerSchema},
-        "logger": {f"{n}_schema": schema for n, schema in LOGGERS.items()},
+        "logger": {},  # one schema for every choice and their mixes: petuner.train.logging.LoggerSchema
     }
 
 
@@ -70,7 +69,7 @@ def group_schema(cfg: DictConfig, group: str) -> type:
     """The schema a composed group must follow: the one its ``name`` picks where the group has several."""
     from petuner.adapters.registry import get_adapter_class
     from petuner.optim import optimizer_schema
-    from petuner.train.logging import LOGGERS
+    from petuner.train.logging import LoggerSchema
 
     node = cfg[group]
     if group == "adapter":
@@ -78,9 +77,7 @@ def group_schema(cfg: DictConfig, group: str) -> type:
     if group == "optimizer":
         return optimizer_schema(str(node.name))
     if group == "logger":
-        if node.name not in LOGGERS:
-            raise ConfigError(f"logger={node.name!r}: allowed: {', '.join(LOGGERS)}")
-        return LOGGERS[node.name]
+        return LoggerSchema
     return next(iter(schemas()[group].values()))
 
 
@@ -101,6 +98,7 @@ def choice_name(cfg: DictConfig, group: str) -> str:
 def validate(cfg: DictConfig) -> Plan:
     """Check every group of a composed run config; raises ConfigError naming the first bad value."""
     from petuner.adapters import build_adapter
+    from petuner.choices import DIRECTIONS
     from petuner.data.schema import check_data_combination
     from petuner.models import check_model_combination
     from petuner.train.schema import check_trainer_combination
@@ -114,6 +112,8 @@ def validate(cfg: DictConfig) -> Plan:
     check_data_combination(checked["data"], checked["model"].task)
     method = build_adapter(cfg.adapter)
     check_trainer_combination(checked["trainer"])
+    if cfg.objective not in DIRECTIONS:
+        raise ConfigError(f"objective={cfg.objective!r}: allowed: {', '.join(DIRECTIONS)}")
     if cfg.get("export") not in EXPORTS:
         raise ConfigError(f"export={cfg.export!r}: allowed: null, merged, peft")
     return Plan(method=method, data=checked["data"])
@@ -228,8 +228,12 @@ def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> 
         key = override.key_or_group
         if key not in groups or override.is_delete():
             continue
-        values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
-                  else [override.get_value_element_as_str()])
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        elif isinstance(override.value(), list):  # several options at once, e.g. logger=[tensorboard,csv]
+            values = [str(v) for v in override.value()]
+        else:
+            values = [override.get_value_element_as_str()]
         allowed = group_choices(key, conf_dir)
         for value in values:
             if value not in allowed:

@@ -26,13 +26,13 @@ from omegaconf import OmegaConf
 from petuner.adapters import LoRAFactors, adapter_state_dict, unload
 from petuner.adapters.capabilities import PeftNative, QuantizedBase, RankDynamic
 from petuner.adapters.peft_form import lora_config, lora_state_dict, lora_views
+from petuner.choices import EXPORT_FORMATS, GGUF_DTYPES
 from petuner.errors import PetunerError
-from petuner.io import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, atomic_dir, save_tensors
+from petuner.io import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, atomic_dir, atomic_file, save_tensors
 from petuner.manifest import write_manifest
 from petuner.models import load_model
 from petuner.run_folder import LoadedRun, load
 
-FORMATS = ("peft", "merged", "quantized")
 log = logging.getLogger(__name__)
 
 
@@ -110,13 +110,20 @@ def export_quantized(run: LoadedRun, out: Path) -> None:
     save_tensors(adapter_state_dict(run.model), out / ADAPTER_FILE)
 
 
-def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = False, rank: int | None = None) -> Path:
-    """Write ``run_dir``'s adapter to ``out`` as ``fmt``; ``rank`` truncates a rank-dynamic adapter (DyLoRA)."""
-    if fmt not in FORMATS:
-        raise PetunerError(f"--format {fmt!r}: allowed: {', '.join(FORMATS)}")
+def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = False, rank: int | None = None,
+           checkpoint: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> Path:
+    """Write ``run_dir`` to ``out`` as ``fmt``; ``rank`` truncates a rank-dynamic adapter (DyLoRA),
+    ``checkpoint`` (best, last, step-N) picks the weights, ``dtype`` the GGUF tensor type."""
+    if fmt not in EXPORT_FORMATS:
+        raise PetunerError(f"--format {fmt!r}: allowed: {', '.join(EXPORT_FORMATS)}")
+    if dtype is not None and (fmt != "gguf" or dtype not in GGUF_DTYPES):
+        raise PetunerError(f"--dtype {dtype}: only for --format gguf, one of {', '.join(GGUF_DTYPES)}")
     out = Path(out)
+    if fmt == "gguf":
+        return _export_gguf(Path(run_dir), out, force=force, rank=rank, checkpoint=checkpoint,
+                            dtype=dtype or "f16", trust_remote_code=trust_remote_code)
     _check_destination(out, force)
-    run = load(run_dir)
+    run = load(run_dir, checkpoint=checkpoint, trust_remote_code=trust_remote_code)
     if rank is not None:
         if not isinstance(run.method, RankDynamic):
             raise PetunerError(f"adapter={run.cfg.adapter.name} has a fixed rank; --rank needs a rank-dynamic "
@@ -127,6 +134,30 @@ def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = Fals
         (tmp / "README.md").write_text(model_card(run, fmt))
         write_manifest(tmp, {"kind": f"export-{fmt}", "model": OmegaConf.to_container(run.cfg.model),
                              "task": run.info["task"], "label_names": run.info.get("label_names") or [],
-                             "rank": rank})
+                             "rank": rank, "data_kind": run.info.get("data_kind"),
+                             "system_prompt": run.cfg.data.get("system_prompt")})
     log.info("exported %s (%s) to %s", run_dir, fmt, out)
+    return out
+
+
+def _export_gguf(run_dir: Path, out: Path, *, force: bool, rank: int | None, checkpoint: str | None, dtype: str,
+                 trust_remote_code: bool) -> Path:
+    """The merged model and its tokenizer as one GGUF file, checked for a writable architecture first."""
+    from petuner.gguf_export import check_gguf_model, write_gguf
+    from petuner.models import model_config
+    from petuner.run_folder import check_remote_code, read_config
+
+    if out.is_dir() or (out.exists() and not force):
+        raise PetunerError(f"--out {out} exists; pass --force to replace it" if not out.is_dir()
+                           else f"--out {out} is a folder; --format gguf writes a file (e.g. model.gguf)")
+    cfg = read_config(run_dir)
+    check_remote_code(cfg.model, run_dir, trust_remote_code)  # before model_config could import its code
+    check_gguf_model(model_config(cfg.model), cfg.model.task, str(run_dir))
+    run = load(run_dir, checkpoint=checkpoint, trust_remote_code=trust_remote_code)
+    if rank is not None:
+        run.method.set_rank(run.model, rank)
+    model = unload(run.model, merge=True)
+    with atomic_file(out) as tmp:
+        write_gguf(model, run.tokenizer, tmp, dtype, name=f"{run_dir.name} ({run.cfg.adapter.name}, petuner)")
+    log.info("exported %s (gguf, %s) to %s", run_dir, dtype, out)
     return out

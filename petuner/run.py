@@ -40,6 +40,7 @@ from petuner.models import context_length, head_modules, load_model, load_tokeni
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import read_config
 from petuner.train import distributed
+from petuner.train.best import BestCheckpoint, check_objective
 from petuner.train.checkpoint import check_world_size, latest_checkpoint, load_checkpoint
 from petuner.train.compile import compile_model
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
@@ -75,7 +76,7 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     check_world_size(checkpoint)
     saved = read_config(run_dir)
     for section in RESUME_SECTIONS:
-        if OmegaConf.to_container(saved[section]) != OmegaConf.to_container(cfg[section], resolve=True):
+        if OmegaConf.to_container(saved[section], resolve=True) != OmegaConf.to_container(cfg[section], resolve=True):
             raise PetunerError(f"trainer.resume=true but the {section} config differs from the one "
                                f"{run_dir}/{CONFIG_FILE} trained with")
     return run_dir, checkpoint
@@ -138,6 +139,7 @@ def set_up(cfg: DictConfig) -> Setup:
     data = build_data(plan.data, tokenizer, cfg.model.task)
     if cfg.data.packing:
         data = pack_bundle(data, tokenizer, cfg.data.max_length, cfg.data.split_seed)
+    check_objective(cfg.objective, data.kind)
 
     model = load_model(cfg.model, data.num_labels)
     if cfg.data.packing:
@@ -205,8 +207,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     memory = MemoryHook()  # last: it sees the gradients the optimizer will use
     scaler = grad_scaler(device, compute_dtype)
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite, scaled=scaler.is_enabled())  # first: may veto
+    best = BestCheckpoint(run_dir, cfg.objective, cfg.trainer.early_stopping_patience,
+                          cfg.trainer.early_stopping_min_delta, enabled=bool(cfg.trainer.eval_every))
     loop = Loop(model=model, data=s.data, optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, hooks=[guard, *s.method.hooks(model), memory], cfg=cfg.trainer,
+                scaler=scaler, hooks=[guard, *s.method.hooks(model), best, memory], cfg=cfg.trainer,
                 device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics, trained=trained)
     distributed.seed_rank(cfg.trainer.seed)  # after every seeded draw all ranks share: dropout differs per rank
     start = 0
@@ -217,11 +221,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         results = loop.train(start)
         results.update(memory.report(model, optimizer))
-        metrics.log({k: v for k, v in results.items() if k.startswith("memory/")}, loop.total_steps())
+        results.update(best.report())
+        steps = int(results.get("early_stopping/step", loop.total_steps()))
+        metrics.log({k: v for k, v in results.items() if k.startswith("memory/")}, steps)
         metrics.summary(results)
     finally:
         metrics.close()
-    info.update({"results": results, "steps": loop.total_steps()})
+    info.update({"results": results, "steps": steps})
     weights = distributed.gathered(adapter_state_dict(model))
     if distributed.is_writer():
         save_run(run_dir, weights, info, cfg.get("export"))

@@ -24,13 +24,13 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, open_dict
 
+from petuner.choices import DIRECTIONS
 from petuner.errors import PetunerError
 from petuner.io import atomic_file, atomic_write_json, atomic_write_text
 from petuner.report import markdown_table
 
 log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
-DIRECTIONS = {"eval/loss": "minimize", "eval/perplexity": "minimize", "eval/accuracy": "maximize"}
 
 
 def run_job(cfg: DictConfig, sweep_dir: str | None = None) -> float:
@@ -40,9 +40,9 @@ def run_job(cfg: DictConfig, sweep_dir: str | None = None) -> float:
     """
     from petuner.run import run
 
-    if sweep_dir is not None and cfg.logger.get("group") is None:
+    if sweep_dir is not None and "wandb" in cfg.logger and cfg.logger.wandb.get("group") is None:
         with open_dict(cfg):
-            cfg.logger.group = Path(sweep_dir).name
+            cfg.logger.wandb.group = Path(sweep_dir).name
     run_dir = Path(cfg.run_dir)
     start = time.perf_counter()
     try:

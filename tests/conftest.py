@@ -103,3 +103,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def varied_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny LoRA run whose base has large random weights: its greedy generations vary by prompt and
+    position (the default tiny init gives near-flat logits, hence one repeated token), so comparisons bite."""
+    from petuner.run import run
+
+    run_dir = tmp_path_factory.mktemp("varied") / "run"
+    run(make_cfg(run_dir, "+model.random_init.initializer_range=0.2"))
+    return run_dir

@@ -49,6 +49,10 @@ def test_train_with_overrides_then_export(tmp_path) -> None:
     (["trainer.max_stpes=5"], "error: trainer.max_stpes is not a config key; did you mean trainer.max_steps? "
                               "(a new key needs a leading +: +trainer.max_stpes=...)"),
     ([*TINY, "trainer.batch_size=0"], "error: trainer.batch_size=0: must be an integer >= 1"),
+    (["logger=[tensorboard,mlfow]"], "error: logger='mlfow' is not a choice of the 'logger' config group; allowed: "
+                                     + ", ".join(group_choices("logger"))),
+    ([*TINY, "trainer.eval_every=2", "trainer.early_stopping_patience=-1"],
+     "error: trainer.early_stopping_patience=-1: must be an integer >= 1 or null"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message) -> None:
     done = sh([sys.executable, str(ROOT / "train.py"), *args, f"run_dir={tmp_path / 'run'}"], cwd=tmp_path)

@@ -88,9 +88,9 @@ def test_launchers_run_the_same_jobs(tmp_path, launcher: str) -> None:
 
 
 def test_sweep_jobs_share_a_wandb_group_and_record_failure(cfg_factory, tmp_path) -> None:
-    cfg = cfg_factory("adapter.r=1000")
+    cfg = cfg_factory("adapter.r=1000", "logger=wandb")
     assert math.isnan(run_job(cfg, sweep_dir=str(tmp_path / "2026-11-25_12-00-00")))
-    assert cfg.logger.group == "2026-11-25_12-00-00"
+    assert cfg.logger.wandb.group == "2026-11-25_12-00-00"
     assert json.loads((tmp_path / "run" / STATUS_FILE).read_text())["status"] == "failed"
     with pytest.raises(PetunerError, match="exceeds the size"):  # outside a sweep the error propagates
         run_job(cfg_factory("adapter.r=1000"))

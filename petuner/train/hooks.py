@@ -32,6 +32,7 @@ class TrainState:
     # A hook may veto this step's parameter update (the non-finite guard does, also for a step the fp16
     # gradient scaler skips); every hook that updates parameters itself must then skip too.
     skip_update: bool = False
+    stop: bool = False  # a hook may end training early (early stopping does); the loop checkpoints and stops
     run_dir: Path | None = None  # where a hook may write its own artefacts (e.g. SoRA's sparsity curve)
     evaluate: Callable[[], dict[str, float]] | None = None  # held-out evaluation, for hooks that sweep it
 

@@ -114,6 +114,7 @@ class Loop:
     run_dir: Path
     metrics: MetricsLog
     trained: nn.Module | None = None  # what forward/backward go through (DDP's wrapper); ``model`` if None
+    last_eval: tuple[int, dict[str, float]] = (-1, {})
 
     @property
     def batches_per_epoch(self) -> int:
@@ -143,11 +144,14 @@ class Loop:
         return evaluate(self.model, self.data, self.cfg.eval_batch_size, self.device, self.compute_dtype)
 
     def run_eval(self, state: TrainState) -> dict[str, float]:
+        if self.last_eval[0] == state.step:  # an early stop's evaluation is also the final one
+            return self.last_eval[1]
         metrics = self.evaluate()
         for hook in self.hooks:
             hook.on_eval(state, metrics)
         self.metrics.log(metrics, state.step)
         log.info("step %d: %s", state.step, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        self.last_eval = (state.step, metrics)
         return metrics
 
     # --- training -------------------------------------------------------------------------------
@@ -195,6 +199,8 @@ class Loop:
                 state.metrics, state.skip_update = {}, False
                 for hook in self.hooks:
                     hook.before_step(state)
+                if state.stop:
+                    break
                 state.loss, tokens = self.accumulate([next(batches) for _ in range(cfg.grad_accum)])
                 for opt in optimizers:  # every gradient a step uses, the hooks' own included, unscaled
                     self.scaler.unscale_(opt)
@@ -224,9 +230,12 @@ class Loop:
                 bar.update(1)
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < max_steps:
                     self.run_eval(state)
-                if state.step == max_steps or (cfg.save_every and state.step % cfg.save_every == 0):
+                if state.step == max_steps or state.stop or (cfg.save_every and state.step % cfg.save_every == 0):
                     save_checkpoint(self.run_dir, state.step, model, optimizer, self.scheduler, self.scaler,
                                     self.hooks, keep=cfg.keep_checkpoints)
+                if state.stop:
+                    log.info("early stopping at step %d", state.step)
+                    break
         results.update({f"{k}_after": v for k, v in self.run_eval(state).items()})
         results.update(peak_memory(self.device))
         return results

@@ -43,6 +43,9 @@ class TrainerSchema:
     resume: bool = flag(False)  # continue run_dir's last checkpoint
     on_nonfinite: str = choice("stop", ACTIONS)  # a NaN/inf loss or gradient: stop | skip the step
     num_workers: int = number(0, strict=False, integer=True)
+    # stop after this many evaluations without improving `objective` (needs eval_every); null: never
+    early_stopping_patience: int | None = steps(None)
+    early_stopping_min_delta: float = number(0.0, strict=False)  # an improvement must beat the best by more
 
 
 def check_trainer_combination(cfg: Any) -> None:
@@ -51,3 +54,6 @@ def check_trainer_combination(cfg: Any) -> None:
     if cfg.max_steps is not None and cfg.epochs is not None:
         raise ConfigError(f"trainer.epochs={cfg.epochs} and trainer.max_steps={cfg.max_steps} are both set: "
                           "set trainer.max_steps=null to train for epochs, or trainer.epochs=null")
+    if cfg.early_stopping_patience and not cfg.eval_every:
+        raise ConfigError(f"trainer.early_stopping_patience={cfg.early_stopping_patience} needs evaluations: "
+                          "set trainer.eval_every")

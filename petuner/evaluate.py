@@ -1,0 +1,86 @@
+"""``petuner eval RUN_DIR data=... [data.path=...]``: a trained model's held-out metrics on other data.
+
+The data comes from the same config group and Hydra overrides as training (``compose_config``), is
+read and tokenized by the same data layer, and scored by the training loop's own ``evaluate`` — so
+evaluating a run on the data it trained on reproduces its final ``eval/*`` numbers. The metrics are
+written to ``RUN_DIR/eval-<name>.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from petuner.errors import ConfigError, PetunerError
+from petuner.io import atomic_write_json
+
+SPLITS = ("eval", "all")
+
+
+def eval_data_cfg(overrides: Sequence[str]) -> Any:
+    """The ``data`` group that ``python train.py <overrides>`` would train on (only data.* may be set)."""
+    from petuner.config import check_command_line, choice_name, compose_config, group_schema
+    from petuner.data.schema import check_data_combination
+    from petuner.schema import conform
+
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key != "data" and not key.startswith("data."):
+            raise ConfigError(f"{override!r}: petuner eval takes data=... and data.*=... overrides only")
+    check_command_line(overrides)
+    cfg = compose_config([*overrides, "run_dir=."])
+    data = conform(group_schema(cfg, "data"), cfg.data, "data", choice_name(cfg, "data"))
+    check_data_combination(data)
+    return data
+
+
+def report_name(data_cfg: Any) -> str:
+    """``eval-<name>.json``: the data config's name, or the file's stem for a user file (data=jsonl)."""
+    return Path(str(data_cfg.path)).stem if data_cfg.format == "jsonl" else str(data_cfg.name)
+
+
+def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "eval", batch_size: int = 16,
+                 checkpoint: str | None = None, trust_remote_code: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Score the model in ``path`` on the data the overrides name; returns the report's path and contents."""
+    from datasets import concatenate_datasets
+
+    import petuner
+    from petuner.data import TASK_OF_KIND, build_data, infer_kind
+    from petuner.data.sources import read_rows
+    from petuner.run_folder import folder_labels, folder_task
+    from petuner.train.device import resolve_device
+    from petuner.train.loop import evaluate
+
+    if split not in SPLITS:
+        raise PetunerError(f"--split {split!r}: allowed: {', '.join(SPLITS)}")
+    path = Path(path)
+    task = folder_task(path)
+    data_cfg = eval_data_cfg(overrides)
+    kind = infer_kind(read_rows(data_cfg.format, data_cfg.path)) if data_cfg.kind == "auto" else data_cfg.kind
+    if TASK_OF_KIND[kind] != task:  # checked on the rows, before any weights load
+        raise ConfigError(f"data={report_name(data_cfg)} is {kind} data, for a {TASK_OF_KIND[kind]} model, "
+                          f"but {path} is a {task} model")
+    kwargs = {"checkpoint": checkpoint} if checkpoint else {}
+    model, tokenizer = petuner.load(path, trust_remote_code=trust_remote_code, **kwargs)
+    data = build_data(data_cfg, tokenizer, task)
+    if data.label_names != folder_labels(path):
+        raise PetunerError(f"the data's labels {data.label_names} differ from the ones {path} learnt "
+                           f"{folder_labels(path)}")
+    if split == "all":
+        data.eval = concatenate_datasets([data.train, data.eval])
+    device = resolve_device("auto")
+    metrics = evaluate(model.to(device), data, batch_size, device, None)
+    report = {"model": str(path), "checkpoint": checkpoint or "last", "data": _plain(data_cfg),
+              "split": split, "examples": len(data.eval), **metrics}
+    out = path / f"eval-{report_name(data_cfg)}.json"
+    atomic_write_json(out, report)
+    return out, report
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]
