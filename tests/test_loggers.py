@@ -108,5 +108,6 @@ def test_unknown_logger_is_one_line(args, message) -> None:
 def test_unknown_logger_entry_in_code_is_one_line_before_anything_is_written(cfg_factory, tmp_path) -> None:
     with pytest.raises(ConfigError) as err:
         run(cfg_factory("+logger.neptune={}"))
-    assert str(err.value) == "logger.neptune is not an option of the logger schema; allowed: wandb, tensorboard, mlflow, csv"
+    assert str(err.value) == ("logger.neptune is not an option of the logger schema; "
+                              "allowed: wandb, tensorboard, mlflow, csv")
     assert not (tmp_path / "run").exists()
