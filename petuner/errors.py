@@ -10,3 +10,9 @@ class PetunerError(Exception):
 
 class ConfigError(PetunerError):
     """The composed configuration is invalid."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's own message, one line of it (or the exception's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -20,6 +20,7 @@ from petuner import __version__
 from petuner.adapters import adapter_state_dict, build_adapter, inject
 from petuner.config import validate
 from petuner.data import build_data, check_data_cfg
+from petuner.data.report import describe
 from petuner.errors import PetunerError
 from petuner.io import atomic_file, atomic_write_json, atomic_write_text
 from petuner.manifest import write_manifest
@@ -96,6 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg.data, tokenizer, cfg.model.task)
+    log.info("data:\n%s", describe(data, tokenizer, examples=1))
 
     model = load_model(cfg.model, data.num_labels)
     method.prepare(model, calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size))
@@ -119,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "targets": injection.targets, "head_modules": injection.head_modules,
         "trainable_parameters": trainable, "total_parameters": total,
         "device": str(device), "compute_dtype": str(compute_dtype or torch.float32).removeprefix("torch."),
-        "train_examples": len(data.train), "eval_examples": len(data.eval),
+        "train_examples": len(data.train), "eval_examples": len(data.eval), "data": data.report,
     }
     if report := method.report():
         info["adapter_report"] = report

@@ -35,16 +35,10 @@ from petuner.adapters.base import (
     set_submodule,
 )
 from petuner.adapters.registry import register_adapter
-from petuner.errors import ConfigError
+from petuner.errors import ConfigError, first_line
 from petuner.train.hooks import Hook, TrainState
 
 ADAPTER = "default"  # peft's adapter name
-
-
-def first_line(err: Exception) -> str:
-    """peft's own message, one line of it (or the exception's name when it has none)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def peft_types() -> list[str]:

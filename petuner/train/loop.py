@@ -50,13 +50,11 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.device,
-             compute_dtype: torch.dtype | None) -> dict[str, float]:
-    """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy)."""
-    was_training = model.training
-    model.eval()
+def _eval_sums(model: nn.Module, data: DataBundle, dataset: Any, batch_size: int, device: torch.device,
+               compute_dtype: torch.dtype | None) -> tuple[float, float, float]:
+    """(loss sum, weight, correct) over one held-out set: weight is labelled tokens, or examples."""
     loss_sum = weight = correct = 0.0
-    loader = DataLoader(data.eval, batch_size=batch_size, collate_fn=data.collate, generator=_private_generator())
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate, generator=_private_generator())
     for batch in loader:
         batch = to_device(batch, device)
         with autocast(device, compute_dtype):
@@ -69,12 +67,31 @@ def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.
             n = (labels[:, 1:] != IGNORE).sum().item()
         loss_sum += out.loss.float().item() * n
         weight += n
-    model.train(was_training)
-    metrics = {"eval/loss": loss_sum / weight}
-    if data.kind == "classification":
-        metrics["eval/accuracy"] = correct / weight
+    return loss_sum, weight, correct
+
+
+def _eval_metrics(kind: str, prefix: str, loss_sum: float, weight: float, correct: float) -> dict[str, float]:
+    metrics = {f"{prefix}/loss": loss_sum / weight}
+    if kind == "classification":
+        metrics[f"{prefix}/accuracy"] = correct / weight
     else:
-        metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))
+        metrics[f"{prefix}/perplexity"] = math.exp(min(metrics[f"{prefix}/loss"], 50.0))
+    return metrics
+
+
+def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.device,
+             compute_dtype: torch.dtype | None) -> dict[str, float]:
+    """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy); with several
+    data sources, also per source (eval/<source>/loss), the combined figure over all their examples."""
+    was_training = model.training
+    model.eval()
+    sets = data.evals if len(data.evals) > 1 else {"": data.eval}
+    sums = {name: _eval_sums(model, data, dataset, batch_size, device, compute_dtype) for name, dataset in sets.items()}
+    model.train(was_training)
+    metrics = _eval_metrics(data.kind, "eval", *(sum(column) for column in zip(*sums.values())))
+    if len(sums) > 1:
+        for name, figures in sums.items():
+            metrics.update(_eval_metrics(data.kind, f"eval/{name}", *figures))
     return metrics
 
 
