@@ -1,4 +1,4 @@
-"""The ``petuner`` command: work on trained runs (``export``, ``eval-ranks``, ``sweep-report``) and look at data (``data``).
+"""The ``petuner`` command: trained runs (``export``, ``eval-ranks``, ``sweep-report``) and the data (``data``).
 
 Training itself is ``python train.py`` (Hydra). Bad input is one line on stderr and exit status 2.
 """

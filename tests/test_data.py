@@ -82,7 +82,8 @@ def test_jsonl_kind_is_read_from_columns(tokenizer, tmp_path, rows, kind, task) 
 @pytest.mark.parametrize("content, message, task", [
     ("", "no examples found", "causal_lm"),
     ('{"prompt": "a"}\n' * 4, "cannot tell the data kind", "causal_lm"),
-    ('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', "d.jsonl row 2: no value in column 'response'", "causal_lm"),
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', "d.jsonl row 2: no value in column 'response'",
+     "causal_lm"),
     ('{"prompt": "a", "response": "b"}\nnot json\n', r"d.jsonl:2: not valid JSON", "causal_lm"),
     ('{"text": "a", "label": -1}\n{"text": "b", "label": 0}\n', "label -1 is out of range", "seq_cls"),
     ('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n', "needs a seq_cls model", "causal_lm"),

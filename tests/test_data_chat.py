@@ -14,10 +14,11 @@ from petuner.errors import PetunerError
 from petuner.models import load_tokenizer
 
 # Meta-Llama-3-8B-Instruct's template, verbatim.
-LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
-          "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
+          "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+          "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+          "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 SYSTEM = {"role": "system", "content": "You answer in one short sentence."}
 TURNS = [("What is the capital of France?", "Paris is the capital of France."),
          ("And of Italy?", "Rome."),
@@ -56,7 +57,7 @@ def settings(**kw):
 
 def labelled_spans(tok, example) -> list[str]:
     spans, run = [], []
-    for token, label in zip(example["input_ids"], [*example["labels"], IGNORE]):
+    for token, label in zip(example["input_ids"], [*example["labels"], IGNORE], strict=False):
         if label != IGNORE:
             assert label == token
             run.append(token)
@@ -127,7 +128,7 @@ def test_long_conversations_lose_whole_trailing_turns() -> None:
     # A first reply longer than max_length is cut rather than thrown away (as single-turn SFT always was).
     first = tokenize(messages, tok, settings(max_length=30), "t")
     assert first["input_ids"] == full["input_ids"][:30] and first["truncated"] == 1
-    with pytest.raises(PetunerError, match=r"^f.jsonl row 7: \d+ tokens exceed data.max_length=30 \(data.truncation=error"):
+    with pytest.raises(PetunerError, match=r"^f.jsonl row 7: \d+ tokens exceed data.max_length=30 \(data.truncation"):
         tokenize(messages, tok, settings(max_length=30, truncation="error"), "f.jsonl row 7")
 
 

@@ -147,7 +147,8 @@ def _finish(tokenized: Dataset, kind: str) -> tuple[Dataset, dict[str, Any]]:
     keep = np.flatnonzero(loss_per_row(dataset, kind) > 0)
     if len(keep) < len(dataset):
         dataset = dataset.select(keep, keep_in_memory=True)
-    return dataset, {**split_stats(dataset, kind), "truncated": int(truncated[keep].sum()), "dropped": len(tokenized) - len(keep)}
+    counts = {"truncated": int(truncated[keep].sum()), "dropped": len(tokenized) - len(keep)}
+    return dataset, {**split_stats(dataset, kind), **counts}
 
 
 def _split(raw: Dataset, src: DictConfig, where: str) -> dict[str, Dataset]:
@@ -193,7 +194,7 @@ def build_data(cfg: Any, tokenizer: Any, task: str) -> DataBundle:
     else:
         train, counts = mix([b.splits["train"] for b in built], [b.report["weight"] for b in built],
                             setting(cfg, "mix"), setting(cfg, "stopping_strategy"), int(cfg.split_seed))
-        for b, count in zip(built, counts):
+        for b, count in zip(built, counts, strict=True):
             b.report["mixed_train_examples"] = count
         report["mix"] = setting(cfg, "mix")
     evals = {b.name: b.splits["eval"] for b in built}

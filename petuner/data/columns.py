@@ -67,6 +67,12 @@ def check_nulls(dataset: Dataset, required: tuple[str, ...], where: str) -> None
             raise PetunerError(f"{where} row {nulls[0] + 1}: no value in column {column!r}")
 
 
+def in_rows(dataset: Dataset, per_row: np.ndarray) -> np.ndarray:
+    """Values per row of the underlying table, in the dataset's own rows (after a select or interleave):
+    reading a column through the dataset's indices row by row takes seconds per 100k rows."""
+    return per_row[dataset._indices.column(0).to_numpy()] if dataset._indices is not None else per_row
+
+
 def label_names(dataset: Dataset) -> list[str]:
     """Sorted label names; integer labels must already be 0..K-1."""
     labels = set(dataset.data.column("label").to_pylist())

@@ -20,7 +20,8 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".p
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    flags = (os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(flag in ("1", "true", "yes", "on") for flag in flags)
 
 
 def _looks_local(ref: str) -> bool:
@@ -34,6 +35,8 @@ def _load(ref: str, subset: str | None) -> Any:
         if builder is None:
             raise PetunerError(f"data.path={ref!r}: unknown file type {path.suffix!r} "
                                f"(allowed: {', '.join(sorted(BUILDERS))})")
+        if path.stat().st_size == 0:
+            raise PetunerError(f"data.path={ref!r}: the file is empty")
         kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         return datasets.load_dataset(builder, data_files=str(path), **kwargs)
     if path.is_dir():
@@ -58,7 +61,9 @@ def load(ref: str, split: str, subset: str | None) -> datasets.Dataset:
         loaded = _load(ref, subset)
     except PetunerError:
         raise
-    except Exception as err:  # noqa: BLE001 - reading the user's data: any failure is a bad input
+    except Exception as err:  # reading the user's data: any failure is a bad input
+        if "corresponds to no data" in str(err):  # datasets' words for a file without rows
+            raise PetunerError(f"data.path={ref!r}: split {split!r} has no rows") from None
         raise PetunerError(f"data.path={ref!r}: cannot be read by datasets ({first_line(err)})") from None
     if isinstance(loaded, (datasets.DatasetDict, dict)):
         if split not in loaded:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from datasets import Dataset, concatenate_datasets, interleave_datasets
 
+from petuner.data.columns import in_rows
+
 MIXES = ("concat", "interleave")
 STOPPING = ("first_exhausted", "all_exhausted")
 SOURCE = "__source__"
@@ -29,10 +31,12 @@ def mix(trains: list[Dataset], weights: list[float], how: str, stopping: str, se
     trains = [t.cast(trains[0].features) if t.features != trains[0].features else t for t in trains]
     tagged = [t.add_column(SOURCE, np.full(len(t), i)) for i, t in enumerate(trains)]
     if how == "concat":
-        mixed = concatenate_datasets([scale(t, w, seed + i) for i, (t, w) in enumerate(zip(tagged, weights))])
+        scaled = [scale(t, w, seed + i) for i, (t, w) in enumerate(zip(tagged, weights, strict=True))]
+        mixed = concatenate_datasets(scaled)
     else:
         total = sum(weights)
         mixed = interleave_datasets(tagged, probabilities=[w / total for w in weights], seed=seed,
                                     stopping_strategy=stopping)
-    counts = np.bincount(np.asarray(mixed[SOURCE]), minlength=len(trains)).tolist()
+    sources = in_rows(mixed, mixed.data.column(SOURCE).to_numpy())
+    counts = np.bincount(sources, minlength=len(trains)).tolist()
     return mixed.remove_columns(SOURCE), counts

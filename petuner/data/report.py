@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset
 
+from petuner.data.columns import in_rows
 from petuner.data.sft import IGNORE
 
 OPEN, CLOSE = "[[", "]]"  # around labelled spans in the decoded view
@@ -16,11 +17,6 @@ OPEN, CLOSE = "[[", "]]"  # around labelled spans in the decoded view
 
 def _lengths(dataset: Dataset) -> np.ndarray:
     return pc.list_value_length(dataset.data.column("input_ids")).to_numpy(zero_copy_only=False)
-
-
-def _selected(dataset: Dataset, per_row: np.ndarray) -> np.ndarray:
-    """Per-row values of the underlying table, in the dataset's own rows (after a ``select``)."""
-    return per_row[dataset._indices.column(0).to_numpy()] if dataset._indices is not None else per_row
 
 
 def loss_per_row(dataset: Dataset, kind: str) -> np.ndarray:
@@ -31,14 +27,15 @@ def loss_per_row(dataset: Dataset, kind: str) -> np.ndarray:
     flat = pc.list_flatten(labels).to_numpy(zero_copy_only=False) != IGNORE
     per_row = np.bincount(pc.list_parent_indices(labels).to_numpy(), weights=flat, minlength=len(labels))
     per_row -= pc.list_element(labels, 0).to_numpy(zero_copy_only=False) != IGNORE
-    return _selected(dataset, per_row.astype(np.int64))
+    return in_rows(dataset, per_row.astype(np.int64))
 
 
 def split_stats(dataset: Dataset, kind: str) -> dict[str, Any]:
     """Examples, tokens, loss tokens and length percentiles of one tokenized split."""
-    lengths = _selected(dataset, _lengths(dataset))
+    lengths = in_rows(dataset, _lengths(dataset))
     pct = np.percentile(lengths, [50, 90, 99]).round().astype(int).tolist() if len(lengths) else [0, 0, 0]
-    return {"examples": len(lengths), "tokens": int(lengths.sum()), "loss_tokens": int(loss_per_row(dataset, kind).sum()),
+    return {"examples": len(lengths), "tokens": int(lengths.sum()),
+            "loss_tokens": int(loss_per_row(dataset, kind).sum()),
             "length_p50": pct[0], "length_p90": pct[1], "length_p99": pct[2], "length_max": int(lengths.max(initial=0))}
 
 
@@ -64,7 +61,7 @@ def show_example(example: dict[str, Any], tokenizer: Any, kind: str, label_names
     if kind == "classification":
         return f"{tokenizer.decode(ids)!r} -> label {label_names[example['labels']]!r}"
     out, run, labelled = [], [], False
-    for token, label in zip(ids, example["labels"]):
+    for token, label in zip(ids, example["labels"], strict=True):
         if (label != IGNORE) != labelled:
             out.append(tokenizer.decode(run) + (OPEN if not labelled else CLOSE))
             run, labelled = [], not labelled

@@ -11,7 +11,9 @@ template's end-of-turn token, not the whitespace that separates turns.
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from petuner.data.conversations import to_messages
@@ -37,6 +39,7 @@ class Rendered:
 def render(messages: list[dict[str, str]], tokenizer: Any, fault: str) -> Rendered:
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_TEMPLATE
 
+    @functools.cache
     def text_of(upto: int, generation: bool) -> str:
         return tokenizer.apply_chat_template(messages[:upto], chat_template=template, tokenize=False,
                                              add_generation_prompt=generation)
@@ -81,7 +84,8 @@ def tokenize(messages: list[dict[str, str]], tokenizer: Any, cfg: Any, fault: st
         labels = list(ids)
     else:
         spans = [(a, b) for a, b, _ in (replies[-1:] if cfg.train_on == "last_assistant" else replies)]
-        labels = [t if any(s < b and e > a for a, b in spans) else IGNORE for t, (s, e) in zip(ids, offsets)]
+        labels = [t if any(s < b and e > a for a, b in spans) else IGNORE
+                  for t, (s, e) in zip(ids, offsets, strict=True)]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
             "truncated": int(keep < len(enc["input_ids"]))}
 
@@ -91,6 +95,7 @@ def build_fn(tokenizer: Any, cfg: Any, form: str, where: str) -> Any:
     if not getattr(tokenizer, "is_fast", False):
         raise PetunerError("conversations need a fast tokenizer (character offsets); this model's is not")
     system_prompt = cfg.get("system_prompt")
+    cfg = SimpleNamespace(max_length=int(cfg.max_length), train_on=cfg.train_on, truncation=cfg.truncation)
 
     def tokenize_row(row: dict[str, Any]) -> dict[str, Any]:
         fault = f"{where} row {row['__row__'] + 1}"

@@ -21,13 +21,14 @@ from petuner.data import hf
 from petuner.errors import ConfigError, PetunerError, first_line
 
 Rows = list[dict[str, Any]]
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader: 10x faster than pure Python
 
 
 def read_chatterbot(path: Path) -> Rows:
     """Chatterbot YAML: each conversation alternates user/bot turns; keep every (user, bot) pair."""
     rows: Rows = []
     for file in sorted(path.glob("*.yml")):
-        for conversation in yaml.safe_load(file.read_text(encoding="utf-8")).get("conversations", []):
+        for conversation in yaml.load(file.read_text(encoding="utf-8"), Loader=LOADER).get("conversations", []):
             turns = [str(t).strip() for t in conversation]
             rows += [{"prompt": turns[i], "response": turns[i + 1]}
                      for i in range(0, len(turns) - 1, 2) if turns[i] and turns[i + 1]]

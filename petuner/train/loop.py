@@ -88,7 +88,7 @@ def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.
     sets = data.evals if len(data.evals) > 1 else {"": data.eval}
     sums = {name: _eval_sums(model, data, dataset, batch_size, device, compute_dtype) for name, dataset in sets.items()}
     model.train(was_training)
-    metrics = _eval_metrics(data.kind, "eval", *(sum(column) for column in zip(*sums.values())))
+    metrics = _eval_metrics(data.kind, "eval", *(sum(column) for column in zip(*sums.values(), strict=True)))
     if len(sums) > 1:
         for name, figures in sums.items():
             metrics.update(_eval_metrics(data.kind, f"eval/{name}", *figures))
