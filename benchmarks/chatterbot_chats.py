@@ -4,7 +4,8 @@
 conversation stays one example whose turns alternate user/assistant (a trailing question without an
 answer is left out), so the model learns every reply in the context of the turns before it.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/chatterbot_chats.py [OUT]   # default benchmarks/results/chatterbot_chats.jsonl
+    PYTHONPATH=. .venv/bin/python benchmarks/chatterbot_chats.py [OUT]
+    (OUT defaults to benchmarks/results/chatterbot_chats.jsonl)
 """
 
 from __future__ import annotations

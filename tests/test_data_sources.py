@@ -176,7 +176,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     hf = ["data=hf"]
     return {
         "missing column": ([*hf, f"data.path={tmp / 'qa.csv'}", "data.columns={prompt: query, response: answer}"],
-                           r"^error: data.columns.prompt='query': .*qa.csv has no column 'query' \(columns: question, "),
+                           r"^error: data.columns.prompt='query': .*qa.csv has no column 'query' \(columns: question"),
         "unknown petuner column": ([*hf, f"data.path={tmp / 'qa.csv'}", "data.columns={answer: answer}"],
                                    r"^error: data.columns.answer: unknown petuner column \(allowed: "),
         "empty split": ([*hf, f"data.path={tmp / 'empty.parquet'}"], r"empty.parquet'?: split 'train' has no rows"),
