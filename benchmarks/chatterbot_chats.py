@@ -4,8 +4,7 @@
 conversation stays one example whose turns alternate user/assistant (a trailing question without an
 answer is left out), so the model learns every reply in the context of the turns before it.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/chatterbot_chats.py [OUT]
-    (OUT defaults to benchmarks/results/chatterbot_chats.jsonl)
+    PYTHONPATH=. .venv/bin/python benchmarks/chatterbot_chats.py [OUT]   # default: ./chatterbot_chats.jsonl
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import yaml
 from petuner import assets
 from petuner.io import atomic_write_text
 
-DEFAULT = Path(__file__).resolve().parent / "results" / "chatterbot_chats.jsonl"
+DEFAULT = Path("chatterbot_chats.jsonl")
 
 
 def conversations() -> list[dict]:

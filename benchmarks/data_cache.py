@@ -2,11 +2,11 @@
 
 Each round builds into an empty cache folder (reading the YAML files, rendering and tokenizing every
 conversation, writing the cache) and then builds again from it (reading the YAML files, loading the
-tokenized splits); rounds interleave the two so that machine load hits both alike. Also the chat
-example's multi-turn file (benchmarks/chat_example.py) when it exists. Writes
+tokenized splits); rounds interleave the two so that machine load hits both alike. Also, if given,
+the chat example's multi-turn file (benchmarks/chatterbot_chats.py). Writes
 benchmarks/results/data_cache.{json,md}.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/data_cache.py
+    PYTHONPATH=. .venv/bin/python benchmarks/data_cache.py [chatterbot_chats.jsonl]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,9 +53,9 @@ def measure(overrides: list[str]) -> dict:
 def main() -> None:
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     rows = {"chatterbot (Q/A pairs)": measure(["data=chatterbot"])}
-    chats = RESULTS / "chatterbot_chats.jsonl"
-    if chats.exists():
-        rows["chatterbot conversations (multi-turn JSONL)"] = measure(["data=chat", f"data.path={chats}"])
+    if len(sys.argv) > 1:
+        chats = ["data=chat", f"data.path={sys.argv[1]}"]
+        rows["chatterbot conversations (messages JSONL, data=chat)"] = measure(chats)
     out = {"tokenizer": "SmolLM2-135M-Instruct", "rounds": ROUNDS, "loadavg_before": load_before,
            "loadavg_after": Path("/proc/loadavg").read_text().split()[:3], "rows": rows,
            "config": OmegaConf.to_container(compose_config(["run_dir=unused"]).data)}

@@ -43,7 +43,7 @@ CASES = [
     (("optimizer.schedule=step",), r"optimizer.schedule='step': allowed: cosine, linear, constant"),
     (("data.max_length=100000",), r"data.max_length=100000 exceeds the model's context of 512 tokens"),
     (("data.eval_size=0",), r"data.eval_size=0: a fraction in \(0, 1\) or a count >= 1"),
-    (("data.kind=images",), r"data.kind='images': allowed: auto, sft, text, classification"),
+    (("data.kind=images",), r"data.kind='images': allowed: auto, chat, sft, text, classification"),
     (("data=bbc_news",), r"data.kind=classification needs a seq_cls model, but model.task=causal_lm"),
     (("model=minilm_l6", "data=bbc_news", "model.name_or_path=/no/such/model"),
      r"model.name_or_path='/no/such/model': folder '/no/such/model' does not exist"),

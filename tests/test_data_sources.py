@@ -187,6 +187,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
                         r"offline .* or set data.path to a local file or folder"),
         "unreadable parquet": ([*hf, f"data.path={tmp / 'broken.parquet'}"],
                                r"broken.parquet': cannot be read by datasets \(.*[Pp]arquet"),
+        "no path": (["data=chat"], r"^error: data.path: must be set \(a file, a folder, a hub id or asset:<name>\)$"),
         "no such file": ([*hf, f"data.path={tmp / 'nope.jsonl'}"], r"nope.jsonl': no such file or folder$"),
         "weight": (["data=mixture", f"data.sources=[{{path:'{chats}',weight:0}},{{path:'{tmp / 'qa.csv'}'}}]"],
                    r"^error: data.sources\[0\].weight=0: must be a number > 0$"),

@@ -62,14 +62,14 @@ def source_configs(cfg: Any) -> list[DictConfig]:
     entries = setting(cfg, "sources") or [{"name": cfg.name}]
     out = []
     for i, entry in enumerate(entries):
-        where = f"data.sources[{i}]"
+        where = f"data.sources[{i}]" if setting(cfg, "sources") else "data"
         if not isinstance(entry, (dict, DictConfig)):
             raise ConfigError(f"{where}={entry!r}: each source is a mapping of {', '.join(SOURCE_KEYS)}")
         unknown = sorted(set(entry) - set(SOURCE_KEYS))
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(SOURCE_KEYS)})")
-        src = OmegaConf.create({**base, "weight": 1.0, **OmegaConf.to_container(OmegaConf.create(dict(entry))),
-                                **shared})
+        own = OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else dict(entry)
+        src = OmegaConf.create({**base, "weight": 1.0, **own, **shared})
         if src.path is None:
             raise ConfigError(f"{where}.path: must be set (a file, a folder, a hub id or asset:<name>)")
         src.name = str(src.get("name") or Path(str(src.path)).stem)
