@@ -55,7 +55,6 @@ def tiny(tmp_path: Path, *overrides: str):
                            *overrides])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
 def test_local_files_train_through_hf_with_columns_and_a_cache(tmp_path, private_cache, map_calls, suffix) -> None:
     path = write(tmp_path / f"qa{suffix}", QA)
@@ -106,7 +105,6 @@ def test_two_sources_end_to_end_with_per_source_eval(tmp_path) -> None:
     assert len(bundle.eval) == 8 and [len(e) for e in bundle.evals.values()] == [4, 4]
 
 
-@pytest.mark.slow
 def test_mixture_run_logs_eval_per_source(tmp_path, caplog) -> None:
     caplog.set_level("INFO", logger="petuner.run")
     write(tmp_path / "qa.csv", QA)
@@ -222,7 +220,6 @@ def test_bad_input_is_one_line_with_status_2_and_writes_nothing(tmp_path, capsys
     assert not list(work.iterdir()) and not list(private_cache.rglob("*.arrow"))
 
 
-@pytest.mark.slow
 def test_a_run_with_bad_data_writes_nothing(tmp_path) -> None:
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [GOOD, BAD_ROWS["role"][0]] * 5))
