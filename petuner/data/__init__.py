@@ -88,6 +88,8 @@ def _check_source(src: DictConfig, where: str, task: str | None) -> None:
     if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
         raise ConfigError(f"{where}.eval_size={size!r}: a fraction in (0, 1) or a count >= 1")
     check_number(src, "weight", where, low=0)
+    if src.format != "hf" and (src.split != DEFAULTS["split"] or src.subset is not None):
+        raise ConfigError(f"{where}.split/subset apply to format=hf, not to format={src.format}")
     check_number(src, "limit", where, low=1, strict=False, integer=True, optional=True)
     cols = src.columns
     if cols is not None and (not isinstance(cols, DictConfig) or not all(isinstance(v, str) for v in cols.values())):
@@ -116,8 +118,11 @@ def check_data_cfg(cfg: Any, task: str | None = None, context: int | None = None
     names = [src.name for src in configs]
     if len(set(names)) < len(names):
         raise ConfigError(f"data.sources: two sources are named {max(names, key=names.count)!r}; set their name keys")
-    if not sources and setting(cfg, "weight") != 1.0:
-        raise ConfigError("data.weight only applies to data.sources entries")
+    for key in ("weight", "mix", "stopping_strategy"):  # nothing the user sets is silently ignored
+        if not sources and setting(cfg, key) != DEFAULTS[key]:
+            raise ConfigError(f"data.{key}={setting(cfg, key)} applies to a mixture (data.sources), not to one source")
+    if setting(cfg, "mix") == "concat" and setting(cfg, "stopping_strategy") != DEFAULTS["stopping_strategy"]:
+        raise ConfigError(f"data.stopping_strategy={setting(cfg, 'stopping_strategy')} applies to data.mix=interleave")
 
 
 @dataclass
@@ -168,7 +173,7 @@ def build_source(src: DictConfig, tokenizer: Any, task: str, key: str) -> Built:
     if TASK_OF_KIND[kind] != task:
         raise ConfigError(f"data ({kind}) needs a {TASK_OF_KIND[kind]} model, but model.task={task}")
     if kind not in columns.CONVERSATION_KINDS:
-        for k in ("train_on", "truncation"):
+        for k in ("train_on", "truncation", "system_prompt"):
             if src[k] != DEFAULTS[k]:
                 raise ConfigError(f"data.{k}={src[k]} applies to conversations, not to {kind} data ({where})")
     names = columns.label_names(raw) if kind == "classification" else []
