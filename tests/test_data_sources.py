@@ -227,3 +227,20 @@ def test_a_run_with_bad_data_writes_nothing(tmp_path) -> None:
     with pytest.raises(sft.PetunerError, match="unknown role 'bot'"):
         run(cfg)
     assert not list((tmp_path / "run").iterdir())
+
+
+def test_folders_and_datasets_saved_to_disk_load_like_files(tmp_path) -> None:
+    tokenizer = load_tokenizer(compose_config(["model=tiny_llama", "run_dir=."]).model)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write(folder / "a.jsonl", QA[:20])
+    write(folder / "b.jsonl", QA[20:])
+    Dataset.from_list(QA).save_to_disk(str(tmp_path / "saved"))
+    write(tmp_path / "qa.parquet", QA)
+    built = {}
+    for name in ("parts", "saved", "qa.parquet"):
+        cfg = tiny(tmp_path, "data=hf", f"data.path={tmp_path / name}",
+                   "data.columns={prompt: question, response: answer}")
+        bundle = build_data(cfg.data, tokenizer, "causal_lm")
+        built[name] = sorted(map(tuple, [*bundle.train["input_ids"], *bundle.eval["input_ids"]]))
+    assert len(built["parts"]) == 40 and built["parts"] == built["saved"] == built["qa.parquet"]
