@@ -2,7 +2,8 @@
 
 ``data=chatterbot`` cuts every conversation into independent (question, answer) pairs; here each
 conversation stays one example whose turns alternate user/assistant (a trailing question without an
-answer is left out, and so is a conversation with an empty turn), so the model learns every reply in the context of the turns before it.
+answer is left out, and so is a conversation with an empty turn), so the model learns every reply in the
+context of the turns before it.
 
     PYTHONPATH=. .venv/bin/python benchmarks/chatterbot_chats.py [OUT]   # default: ./chatterbot_chats.jsonl
 """
