@@ -67,11 +67,11 @@ def _text(value: Any) -> Any:
 
 def check_alternation(messages: list[dict[str, str]], fault: str) -> None:
     """An optional leading system message, then user and assistant in turn, ending with the assistant."""
-    body = messages[1:] if messages[0]["role"] == "system" else messages
-    for number, message in enumerate(body, start=len(messages) - len(body) + 1):
-        expected = "user" if (number - len(messages) + len(body)) % 2 == 1 else "assistant"
+    start = 1 if messages[0]["role"] == "system" else 0
+    for number, message in enumerate(messages[start:], start=start + 1):
+        expected = ("user", "assistant")[(number - start - 1) % 2]
         if message["role"] != expected:
             raise PetunerError(f"{fault}: turn {number} is {message['role']} where {expected} was expected "
                                "(an optional system turn first, then user and assistant alternating)")
-    if not body or body[-1]["role"] != "assistant":
+    if messages[-1]["role"] != "assistant":
         raise PetunerError(f"{fault}: the conversation does not end with an assistant turn (nothing to learn)")
