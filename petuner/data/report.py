@@ -75,6 +75,7 @@ def describe(data: Any, tokenizer: Any, examples: int) -> str:
     lines = [*summary_lines(data.report),
              f"training on {data.report['train_examples']:,} examples, evaluating on {data.report['eval_examples']:,}"]
     for i in range(min(examples, len(data.train))):
-        lines.append(f"--- training example {i} (labelled tokens between {OPEN} and {CLOSE}) ---")
+        marks = "" if data.kind == "classification" else f" (labelled tokens between {OPEN} and {CLOSE})"
+        lines.append(f"--- training example {i}{marks} ---")
         lines.append(show_example(data.train[i], tokenizer, data.kind, data.label_names))
     return "\n".join(lines)
