@@ -1,4 +1,5 @@
-"""The ``petuner`` command: generate, chat, eval and export trained runs; eval-ranks, sweep-report.
+"""The ``petuner`` command: generate, chat, eval and export trained runs; eval-ranks, sweep-report; and
+the data (``data``).
 
 Training itself is ``python train.py`` (Hydra). Bad input is one line on stderr and exit status 2.
 """
@@ -102,6 +103,22 @@ def _sweep_report(args: argparse.Namespace) -> None:
     print(sweep_report(args.sweep_dir, args.objective, args.out).read_text())
 
 
+def _data(args: argparse.Namespace) -> None:
+    """Build the data exactly as ``python train.py <overrides>`` would (tokenizer only, no weights) and show it."""
+    from petuner.config import check_command_line, compose_config, validate
+    from petuner.data import build_data
+    from petuner.data.report import describe
+    from petuner.data.schema import check_max_length
+    from petuner.models import context_length, load_tokenizer, model_config
+
+    check_command_line(args.overrides)
+    cfg = compose_config([*args.overrides, "run_dir=."])
+    plan = validate(cfg)
+    check_max_length(plan.data, context_length(model_config(cfg.model)))
+    tokenizer = load_tokenizer(cfg.model)
+    print(describe(build_data(plan.data, tokenizer, cfg.model.task), tokenizer, args.examples))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="petuner", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the metric that picks the best job (default: accuracy if present, else loss)")
     report.add_argument("--out", help="folder for sweep_report.{md,csv} and plots (default: SWEEP_DIR)")
     report.set_defaults(func=_sweep_report)
+    data = commands.add_parser("data", help="show the data a run would train on: counts, lengths, truncation, "
+                                            "examples with their labelled tokens marked (same overrides as train.py)")
+    data.add_argument("overrides", nargs="*", help="config overrides as for train.py, e.g. data=chat data.path=x.jsonl")
+    data.add_argument("--examples", type=int, default=2, help="how many training examples to decode (default 2)")
+    data.set_defaults(func=_data)
     return parser
 
 

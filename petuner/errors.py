@@ -13,6 +13,6 @@ class ConfigError(PetunerError):
 
 
 def first_line(err: BaseException) -> str:
-    """A library's error message, one line of it (or the exception's name when it has none)."""
+    """An exception's own message, one line of it (or the exception's name when it has none)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -46,8 +46,9 @@ def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "ev
     from datasets import concatenate_datasets
 
     import petuner
-    from petuner.data import TASK_OF_KIND, build_data, infer_kind
-    from petuner.data.sources import read_rows
+    from petuner.data import TASK_OF_KIND, build_data, source_configs
+    from petuner.data.columns import prepare
+    from petuner.data.sources import load_source
     from petuner.run_folder import folder_labels, folder_task
     from petuner.train.device import resolve_device
     from petuner.train.loop import evaluate
@@ -57,10 +58,12 @@ def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "ev
     path = Path(path)
     task = folder_task(path)
     data_cfg = eval_data_cfg(overrides)
-    kind = infer_kind(read_rows(data_cfg.format, data_cfg.path)) if data_cfg.kind == "auto" else data_cfg.kind
-    if TASK_OF_KIND[kind] != task:  # checked on the rows, before any weights load
-        raise ConfigError(f"data={report_name(data_cfg)} is {kind} data, for a {TASK_OF_KIND[kind]} model, "
-                          f"but {path} is a {task} model")
+    for src in source_configs(data_cfg):  # checked on the rows, before any weights load
+        dataset, where = load_source(src)
+        kind = prepare(dataset, src.kind, where, src.columns)[1]
+        if TASK_OF_KIND[kind] != task:
+            raise ConfigError(f"data={report_name(data_cfg)} is {kind} data, for a {TASK_OF_KIND[kind]} model, "
+                              f"but {path} is a {task} model")
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
     model, tokenizer = petuner.load(path, trust_remote_code=trust_remote_code, **kwargs)
     data = build_data(data_cfg, tokenizer, task)

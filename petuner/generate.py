@@ -56,13 +56,11 @@ class Generator:
         """A conversation ending in a user turn, rendered with the assistant's header after it."""
         if not self.chat_format:
             return "\n".join(m["content"] for m in messages if m["role"] != "system")
-        if getattr(self.tokenizer, "chat_template", None):
-            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            return self.tokenizer.apply_chat_template([*system, *messages], tokenize=False,
-                                                      add_generation_prompt=True)
-        turns = [FALLBACK_TEMPLATE.format(prompt=m["content"]) if m["role"] == "user"
-                 else m["content"] + (self.tokenizer.eos_token or "") for m in messages if m["role"] != "system"]
-        return "".join(turns)
+        # the template training rendered with: the tokenizer's own, or petuner's fallback (as petuner.data.sft)
+        template = None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_TEMPLATE
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return self.tokenizer.apply_chat_template([*system, *messages], chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         self.tokenizer.padding_side = "left"

@@ -24,6 +24,7 @@ from petuner.adapters.capabilities import OwnsOptimizerParameters, PreparesFromD
 from petuner.config import validate
 from petuner.data import build_data
 from petuner.data.packing import attend_within_examples, pack_bundle
+from petuner.data.report import describe
 from petuner.data.schema import check_max_length
 from petuner.errors import PetunerError
 from petuner.io import (
@@ -140,6 +141,7 @@ def set_up(cfg: DictConfig) -> Setup:
     if cfg.data.packing:
         data = pack_bundle(data, tokenizer, cfg.data.max_length, cfg.data.split_seed)
     check_objective(cfg.objective, data.kind)
+    log.info("data:\n%s", describe(data, tokenizer, examples=1))
 
     model = load_model(cfg.model, data.num_labels)
     if cfg.data.packing:
@@ -178,7 +180,7 @@ def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
         "trainable_parameters": trainable, "total_parameters": total,
         "device": str(s.device), **dtype_report(s.model, s.compute_dtype),
         "train_examples": len(s.data.train), "eval_examples": len(s.data.eval),
-        "processes": distributed.world_size(),
+        "processes": distributed.world_size(), "data": s.data.report,
     }
     if isinstance(s.method, QuantizedBase):
         info["adapter_report"] = s.method.report()

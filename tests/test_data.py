@@ -43,8 +43,9 @@ def test_sft_loss_covers_exactly_the_answer(tokenizer) -> None:
     prompt_text = tokenizer.decode(ids[:first])
     answer_text = tokenizer.decode([t for t in labels if t != IGNORE])
     assert prompt_text.startswith("<|im_start|>system") and prompt_text.endswith("<|im_start|>assistant\n")
-    assert answer_text.endswith("<|im_end|>\n") and "<|im_start|>" not in answer_text
-    assert labels[first:] == ids[first:]
+    # The reply and its end-of-turn token carry the loss; the newline after it only separates turns.
+    assert answer_text.endswith("<|im_end|>") and "<|im_start|>" not in answer_text
+    assert labels[first:-1] == ids[first:-1] and labels[-1] == IGNORE and tokenizer.decode(ids[-1:]) == "\n"
 
 
 def test_split_is_deterministic_and_disjoint(tokenizer) -> None:
@@ -81,7 +82,8 @@ def test_jsonl_kind_is_read_from_columns(tokenizer, tmp_path, rows, kind, task) 
 @pytest.mark.parametrize("content, message, task", [
     ("", "no examples found", "causal_lm"),
     ('{"prompt": "a"}\n' * 4, "cannot tell the data kind", "causal_lm"),
-    ('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', "example 2 lacks column 'response'", "causal_lm"),
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', "d.jsonl row 2: no value in column 'response'",
+     "causal_lm"),
     ('{"prompt": "a", "response": "b"}\nnot json\n', r"d.jsonl:2: not valid JSON", "causal_lm"),
     ('{"text": "a", "label": -1}\n{"text": "b", "label": 0}\n', "label -1 is out of range", "seq_cls"),
     ('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n', "needs a seq_cls model", "causal_lm"),

@@ -47,10 +47,11 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(varied_run) 
 
 
 def test_prompts_use_the_chat_template_as_training_did(varied_run) -> None:
-    from petuner.data.sft import format_pair
+    from petuner.data.sft import render
 
     gen = load_generator(varied_run)
-    head, _ = format_pair(gen.tokenizer, "hi", "x", None)
+    trained = render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], gen.tokenizer, "test")
+    head = trained.text[:trained.replies[0][0]]  # the training text before the reply
     assert gen.messages_text([{"role": "user", "content": "hi"}]) == head
     assert head.endswith("<|im_start|>assistant\n")
 

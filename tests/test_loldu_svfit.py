@@ -122,7 +122,8 @@ def test_rank_above_the_layer_is_one_line(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["loldu", "svfit"])
 def test_trains_and_exports_merged_and_as_peft_lora(name: str, cfg_factory, tmp_path) -> None:
-    info = run(cfg_factory(f"adapter={name}", "trainer.max_steps=3", "optimizer.lr=5e-2"))
+    # 32 trainable numbers move a random model's loss by thousandths: enough steps that it is a trend.
+    info = run(cfg_factory(f"adapter={name}", "trainer.max_steps=10", "optimizer.lr=5e-2"))
     assert info["trainable_parameters"] == 4 * 8  # q, v in 2 layers, r = 8
     assert info["results"]["eval/loss_after"] < info["results"]["eval/loss_before"]
     config = exports_reload(tmp_path / "run", tmp_path)

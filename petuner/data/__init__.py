@@ -1,80 +1,207 @@
-"""Data: raw rows (``sources``) → deterministic train/eval split → tokenized examples per task kind.
+"""Data: each source's rows → columns and kind → deterministic train/eval split → cached tokenization → mixture.
 
-``data.kind`` picks the task module: ``sft`` (prompt/response, loss on the answer), ``text``
-(language modelling blocks) or ``classification`` (text → label); ``auto`` reads it off the columns.
+``data.kind`` picks the task module: ``chat``/``sft`` (conversations and instruction rows, loss on the
+assistant's replies), ``text`` (language modelling blocks) or ``classification`` (text → label);
+``auto`` reads it off the columns. ``data.sources`` lists several sources, each with the top-level
+keys as defaults; their training sets are mixed, their held-out sets kept apart and also combined.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
-from datasets import Dataset
+import numpy as np
+from datasets import Dataset, concatenate_datasets
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-from petuner.data import classification, sft, text
-from petuner.data.schema import TASK_OF_KIND
-from petuner.data.sources import read_rows
+from petuner.checks import check_number
+from petuner.data import classification, columns, sft, text
+from petuner.data.cache import cached_map, tokenizer_hash
+from petuner.data.mixture import mix
+from petuner.data.report import loss_per_row, split_stats
+from petuner.data.schema import KINDS, TASK_OF_KIND
+from petuner.data.sources import ALL_FORMATS, load_source
 from petuner.errors import ConfigError, PetunerError
 
-COLUMNS = {"sft": ("prompt", "response"), "text": ("text",), "classification": ("text", "label")}
+SOURCE_KEYS = ("name", "format", "path", "kind", "split", "subset", "columns", "weight", "eval_size", "limit",
+               "system_prompt")
+# Keys older configs (and saved runs) may lack, with the value that reproduces what they did.
+DEFAULTS = {"split": "train", "subset": None, "columns": None, "weight": 1.0, "system_prompt": None,
+            "train_on": "assistant", "truncation": "drop_turns", "sources": None, "mix": "concat",
+            "stopping_strategy": "first_exhausted", "limit": None}
 
 
 @dataclass
 class DataBundle:
     kind: str
     train: Dataset
-    eval: Dataset
+    eval: Dataset  # every source's held-out examples together
     collate: Any
     label_names: list[str] = field(default_factory=list)
+    evals: dict[str, Dataset] = field(default_factory=dict)  # held-out examples per source
+    report: dict[str, Any] = field(default_factory=dict)  # counts per source and split (run.json's "data")
 
     @property
     def num_labels(self) -> int | None:
         return len(self.label_names) or None
 
 
-def infer_kind(rows: list[dict[str, Any]]) -> str:
-    keys = set(rows[0])
-    for kind in ("sft", "classification", "text"):
-        if set(COLUMNS[kind]) <= keys:
-            return kind
-    raise PetunerError(f"cannot tell the data kind from columns {sorted(keys)}: expected "
-                       "{prompt, response}, {text, label} or {text}")
+def setting(cfg: Any, key: str) -> Any:
+    return cfg.get(key, DEFAULTS.get(key))
 
 
-def _check_columns(rows: list[dict[str, Any]], kind: str, where: str) -> None:
-    for number, row in enumerate(rows, start=1):
-        missing = [c for c in COLUMNS[kind] if c not in row or row[c] is None]
-        if missing:
-            raise PetunerError(f"{where}: example {number} lacks column {missing[0]!r} "
-                               f"(data.kind={kind} needs {', '.join(COLUMNS[kind])})")
+def source_configs(cfg: Any) -> list[DictConfig]:
+    """One config per source: ``data.sources`` entries over the top-level keys, or the data config itself."""
+    base = {k: setting(cfg, k) for k in SOURCE_KEYS if k not in ("name", "weight")}
+    shared = {k: setting(cfg, k) for k in ("max_length", "split_seed", "train_on", "truncation")}
+    entries = setting(cfg, "sources") or [{"name": cfg.name}]
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"data.sources[{i}]" if setting(cfg, "sources") else "data"
+        if not isinstance(entry, (dict, DictConfig)):
+            raise ConfigError(f"{where}={entry!r}: each source is a mapping of {', '.join(SOURCE_KEYS)}")
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(SOURCE_KEYS)})")
+        own = OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else dict(entry)
+        src = OmegaConf.create({**base, "weight": 1.0, **own, **shared})
+        if src.path is None:
+            raise ConfigError(f"{where}.path: must be set (a file, a folder, a hub id or asset:<name>)")
+        src.name = str(src.get("name") or Path(str(src.path)).stem)
+        out.append(src)
+    return out
+
+
+def _check_source(src: DictConfig, where: str, task: str | None) -> None:
+    if src.format not in ALL_FORMATS:
+        raise ConfigError(f"{where}.format={src.format!r}: allowed: {', '.join(ALL_FORMATS)}")
+    if src.kind not in (*KINDS, "auto"):
+        raise ConfigError(f"{where}.kind={src.kind!r}: allowed: auto, {', '.join(KINDS)}")
+    if src.kind != "auto" and task is not None and TASK_OF_KIND[src.kind] != task:
+        raise ConfigError(f"{where}.kind={src.kind} needs a {TASK_OF_KIND[src.kind]} model, but model.task={task}")
+    size = src.eval_size
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
+        raise ConfigError(f"{where}.eval_size={size!r}: a fraction in (0, 1) or a count >= 1")
+    check_number(src, "weight", where, low=0)
+    if src.format != "hf" and (src.split != DEFAULTS["split"] or src.subset is not None):
+        raise ConfigError(f"{where}.split/subset apply to format=hf, not to format={src.format}")
+    check_number(src, "limit", where, low=1, strict=False, integer=True, optional=True)
+    cols = src.columns
+    if cols is not None and (not isinstance(cols, DictConfig) or not all(isinstance(v, str) for v in cols.values())):
+        raise ConfigError(f"{where}.columns={cols!r}: a mapping {{petuner column: your column}}, "
+                          "e.g. {prompt: question, response: answer}")
+    bad = sorted(set(cols or {}) - set(columns.NAMES))
+    if bad:
+        raise ConfigError(f"{where}.columns.{bad[0]}: unknown petuner column (allowed: {', '.join(columns.NAMES)})")
+
+
+def check_sources(cfg: Any, task: str | None = None) -> None:
+    """What the data schema's fields alone cannot say: each source's keys (``data.sources`` entries over
+    the top-level ones) against each other and the model's task, and mixture keys only with a mixture."""
+    sources = setting(cfg, "sources")
+    if sources is not None and not isinstance(sources, (list, ListConfig)):
+        raise ConfigError(f"data.sources={sources!r}: a list of sources (null or [] for data.path alone)")
+    configs = source_configs(cfg)
+    for i, src in enumerate(configs):
+        _check_source(src, f"data.sources[{i}]" if sources else "data", task)
+    names = [src.name for src in configs]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"data.sources: two sources are named {max(names, key=names.count)!r}; set their name keys")
+    for key in ("mix", "stopping_strategy"):  # nothing the user sets is silently ignored
+        if not sources and setting(cfg, key) != DEFAULTS[key]:
+            raise ConfigError(f"data.{key}={setting(cfg, key)} applies to a mixture (data.sources), not to one source")
+    if setting(cfg, "mix") == "concat" and setting(cfg, "stopping_strategy") != DEFAULTS["stopping_strategy"]:
+        raise ConfigError(f"data.stopping_strategy={setting(cfg, 'stopping_strategy')} applies to data.mix=interleave")
+
+
+@dataclass
+class Built:
+    name: str
+    kind: str
+    splits: dict[str, Dataset]
+    label_names: list[str]
+    report: dict[str, Any]
+
+
+def _tokenize(dataset: Dataset, kind: str, form: str | None, tokenizer: Any, src: DictConfig, names: list[str],
+              key: Any, where: str) -> Dataset:
+    if kind == "classification":
+        return classification.build(dataset, tokenizer, src, names, key)
+    if kind == "text":
+        return text.build(dataset, tokenizer, src, key)
+    settings = [key, form, src.max_length, src.train_on, src.truncation, src.system_prompt]
+    return cached_map(dataset, sft.build_fn(tokenizer, src, form, where), "sft", settings,
+                      remove_columns=dataset.column_names)
+
+
+def _finish(tokenized: Dataset, kind: str) -> tuple[Dataset, dict[str, Any]]:
+    """Drop the examples with nothing to learn (a reply cut away), count what truncation did."""
+    truncated = np.asarray(tokenized.data.column("truncated").to_numpy(zero_copy_only=False), dtype=bool)
+    dataset = tokenized.remove_columns("truncated")
+    keep = np.flatnonzero(loss_per_row(dataset, kind) > 0)
+    if len(keep) < len(dataset):
+        dataset = dataset.select(keep, keep_in_memory=True)
+    counts = {"truncated": int(truncated[keep].sum()), "dropped": len(tokenized) - len(keep)}
+    return dataset, {**split_stats(dataset, kind), **counts}
+
+
+def _split(raw: Dataset, src: DictConfig, where: str) -> dict[str, Dataset]:
+    size = src.eval_size if src.eval_size < 1 else int(src.eval_size)
+    if len(raw) < 2 or (isinstance(size, int) and size >= len(raw)):
+        raise PetunerError(f"{where}: {len(raw)} examples cannot give data.eval_size={src.eval_size}")
+    parts = raw.train_test_split(test_size=size, seed=int(src.split_seed))
+    train = parts["train"]
+    if src.limit:
+        train = train.select(range(min(int(src.limit), len(train))), keep_in_memory=True)
+    return {"train": train, "eval": parts["test"]}
+
+
+def build_source(src: DictConfig, tokenizer: Any, task: str, key: str) -> Built:
+    raw, where = load_source(src)
+    raw, kind, form = columns.prepare(raw, src.kind, where, src.columns)
+    if TASK_OF_KIND[kind] != task:
+        raise ConfigError(f"data ({kind}) needs a {TASK_OF_KIND[kind]} model, but model.task={task}")
+    if kind not in columns.CONVERSATION_KINDS:
+        for k in ("train_on", "truncation", "system_prompt"):
+            if src[k] != DEFAULTS[k]:
+                raise ConfigError(f"data.{k}={src[k]} applies to conversations, not to {kind} data ({where})")
+    names = columns.label_names(raw) if kind == "classification" else []
+    splits, report = {}, {"kind": kind, "where": where, "weight": float(src.weight)}
+    for split, rows in _split(raw, src, where).items():
+        splits[split], report[split] = _finish(_tokenize(rows, kind, form, tokenizer, src, names, key, where), kind)
+        if len(splits[split]) == 0:
+            raise PetunerError(f"{where}: no usable {split} examples after tokenization "
+                               f"({report[split]['dropped']} dropped); raise data.max_length?")
+    return Built(src.name, kind, splits, names, report)
 
 
 def build_data(cfg: Any, tokenizer: Any, task: str) -> DataBundle:
     datasets.disable_progress_bars()
-    rows = read_rows(cfg.format, cfg.path)
-    kind = infer_kind(rows) if cfg.kind == "auto" else cfg.kind
-    if TASK_OF_KIND[kind] != task:
-        raise ConfigError(f"data ({kind}) needs a {TASK_OF_KIND[kind]} model, but model.task={task}")
-    _check_columns(rows, kind, f"data.path={cfg.path}")
-    names = classification.label_names(rows) if kind == "classification" else []
-    rows = [{c: row[c] for c in COLUMNS[kind]} for row in rows]
-    size = cfg.eval_size if cfg.eval_size < 1 else int(cfg.eval_size)
-    if len(rows) < 2 or (isinstance(size, int) and size >= len(rows)):
-        raise PetunerError(f"data.path={cfg.path}: {len(rows)} examples cannot give data.eval_size={cfg.eval_size}")
-    split = Dataset.from_list(rows).train_test_split(test_size=size, seed=int(cfg.split_seed))
-    train, held_out = split["train"], split["test"]
-    if cfg.limit:
-        train = train.select(range(min(int(cfg.limit), len(train))))
+    key = tokenizer_hash(tokenizer)
+    built = [build_source(src, tokenizer, task, key) for src in source_configs(cfg)]
+    if len({tuple(b.label_names) for b in built}) > 1:
+        raise PetunerError("data.sources: classification sources must share their labels, "
+                           f"got {[b.label_names for b in built]}")
+    report: dict[str, Any] = {"sources": {b.name: b.report for b in built}}
+    if len(built) == 1:
+        train = built[0].splits["train"]
+    else:
+        train, counts = mix([b.splits["train"] for b in built], [b.report["weight"] for b in built],
+                            setting(cfg, "mix"), setting(cfg, "stopping_strategy"), int(cfg.split_seed))
+        for b, count in zip(built, counts, strict=True):
+            b.report["mixed_train_examples"] = count
+        report["mix"] = setting(cfg, "mix")
+    evals = {b.name: b.splits["eval"] for b in built}
+    held_out = concatenate_datasets(list(evals.values())) if len(evals) > 1 else built[0].splits["eval"]
+    kind = "+".join(dict.fromkeys(b.kind for b in built))
     if kind == "classification":
-        train, held_out = (classification.build(d, tokenizer, cfg, names) for d in (train, held_out))
         collate = DataCollatorWithPadding(tokenizer)
     else:
-        module = sft if kind == "sft" else text
-        train, held_out = (module.build(d, tokenizer, cfg) for d in (train, held_out))
         collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=sft.IGNORE)
-    if len(train) == 0 or len(held_out) == 0:
-        raise PetunerError(f"data.path={cfg.path}: no usable examples after tokenization "
-                           f"(train {len(train)}, eval {len(held_out)}); raise data.max_length?")
-    return DataBundle(kind=kind, train=train, eval=held_out, collate=collate, label_names=names)
+    report.update(train_examples=len(train), eval_examples=len(held_out))
+    return DataBundle(kind=kind, train=train, eval=held_out, collate=collate, label_names=built[0].label_names,
+                      evals=evals, report=report)

@@ -29,7 +29,7 @@ from torch import nn
 
 from petuner.data.sft import IGNORE
 
-PACKABLE_KINDS = ("sft",)  # text is already cut into full blocks; classification has one label per row
+PACKABLE_KINDS = ("chat", "sft")  # text is already cut into full blocks; classification has one label per row
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int, seed: int) -> list[list[int]]:

@@ -6,13 +6,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from petuner.checks import shown
+from petuner.data.mixture import MIXES, STOPPING
 from petuner.data.packing import PACKABLE_KINDS
-from petuner.data.sources import FORMATS
+from petuner.data.sft import TRAIN_ON, TRUNCATION
+from petuner.data.sources import ALL_FORMATS
 from petuner.errors import ConfigError
 from petuner.schema import checked, choice, flag, number
 
-KINDS = ("sft", "text", "classification")
-TASK_OF_KIND = {"sft": "causal_lm", "text": "causal_lm", "classification": "seq_cls"}
+KINDS = ("chat", "sft", "text", "classification")
+TASK_OF_KIND = {"chat": "causal_lm", "sft": "causal_lm", "text": "causal_lm", "classification": "seq_cls"}
+
 
 
 def check_eval_size(cfg: Any, key: str, group: str) -> None:
@@ -24,7 +27,7 @@ def check_eval_size(cfg: Any, key: str, group: str) -> None:
 @dataclass
 class DataSchema:
     name: str = ""
-    format: str = choice("jsonl", tuple(FORMATS))
+    format: str = choice("jsonl", ALL_FORMATS)
     kind: str = choice("auto", ("auto", *KINDS))  # auto: read off the columns
     path: str | None = None  # a file or folder, or asset:<name>
     max_length: int = number(256, low=2, strict=False, integer=True)  # longer examples are truncated
@@ -32,6 +35,15 @@ class DataSchema:
     split_seed: int = number(0, strict=False, integer=True)
     limit: int | None = number(None, low=1, strict=False, integer=True, optional=True)
     system_prompt: str | None = None  # sft only; null: the chat template's default
+    split: str = "train"  # format=hf: the split to read
+    subset: str | None = None  # format=hf: the hub dataset's subset (configuration) name
+    # {petuner column: your column}, e.g. {prompt: question, response: answer} (checked with the sources)
+    columns: Any = None
+    train_on: str = choice("assistant", TRAIN_ON)  # conversations: which turns carry the loss
+    truncation: str = choice("drop_turns", TRUNCATION)  # conversations over max_length
+    sources: Any = None  # a list of sources to mix, each a mapping over these keys (+ name, weight)
+    mix: str = choice("concat", MIXES)  # concat (each scaled by its weight) | interleave
+    stopping_strategy: str = choice("first_exhausted", STOPPING)  # interleave only
     packing: bool = flag(False)  # sft: whole examples packed into rows of max_length, attention kept within each
 
 
@@ -43,10 +55,12 @@ def check_max_length(cfg: Any, context: int | None) -> None:
 
 def check_data_combination(cfg: Any, task: str | None = None) -> None:
     """What one key alone cannot say: a path where the format needs one, the kind against the model's task."""
-    if cfg.path is None:
-        raise ConfigError(f"data.path is not set: data={cfg.name} needs data.path=/path/to/file")
-    if cfg.kind != "auto" and task is not None and TASK_OF_KIND[cfg.kind] != task:
-        raise ConfigError(f"data.kind={cfg.kind} needs a {TASK_OF_KIND[cfg.kind]} model, but model.task={task}")
+    from petuner.data import check_sources
+
+    if cfg.path is None and not cfg.sources:
+        raise ConfigError(f"data.path is not set: data={cfg.name} needs data.path=... (a file, a folder, a hub id "
+                          "or asset:<name>)")
+    check_sources(cfg, task)  # each source's kind against the model's task, and what sources may set
     if cfg.packing and cfg.kind not in ("auto", *PACKABLE_KINDS):
         raise ConfigError(f"data.packing=true packs {', '.join(PACKABLE_KINDS)} examples, not data.kind={cfg.kind}")
     if cfg.system_prompt is not None and cfg.kind in ("text", "classification"):

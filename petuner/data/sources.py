@@ -1,4 +1,4 @@
-"""Read raw rows from the packaged corpora and from the user's JSONL files.
+"""Read raw rows: the packaged corpora and the user's JSONL files here, everything else through ``hf``.
 
 Each reader returns a list of plain dicts; the task modules (sft, text, classification) turn rows
 into tokenized examples. Corpora that ship as folders of YAML or text files need a few lines of
@@ -12,19 +12,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import yaml
+from datasets import Dataset
 
 from petuner import assets
-from petuner.errors import ConfigError, PetunerError
+from petuner.data import hf
+from petuner.errors import ConfigError, PetunerError, first_line
 
 Rows = list[dict[str, Any]]
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader: 10x faster than pure Python
 
 
 def read_chatterbot(path: Path) -> Rows:
     """Chatterbot YAML: each conversation alternates user/bot turns; keep every (user, bot) pair."""
     rows: Rows = []
     for file in sorted(path.glob("*.yml")):
-        for conversation in yaml.safe_load(file.read_text(encoding="utf-8")).get("conversations", []):
+        for conversation in yaml.load(file.read_text(encoding="utf-8"), Loader=LOADER).get("conversations", []):
             turns = [str(t).strip() for t in conversation]
             rows += [{"prompt": turns[i], "response": turns[i + 1]}
                      for i in range(0, len(turns) - 1, 2) if turns[i] and turns[i + 1]]
@@ -63,11 +67,12 @@ FORMATS: dict[str, Callable[[Path], Rows]] = {
     "label_folders": read_label_folders,
     "jsonl": read_jsonl,
 }
+ALL_FORMATS = (*FORMATS, "hf")
 
 
 def read_rows(fmt: str, path_ref: str) -> Rows:
     if fmt not in FORMATS:
-        raise ConfigError(f"data.format={fmt!r}: allowed: {', '.join(FORMATS)}")
+        raise ConfigError(f"data.format={fmt!r}: allowed: {', '.join(ALL_FORMATS)}")
     path = Path(assets.resolve(str(path_ref))).expanduser()
     if not path.exists():
         raise PetunerError(f"data.path={path_ref!r}: {path} does not exist")
@@ -78,3 +83,14 @@ def read_rows(fmt: str, path_ref: str) -> Rows:
     if not rows:
         raise PetunerError(f"data.path={path_ref!r}: no examples found in {path}")
     return rows
+
+
+def load_source(src: Any) -> tuple[Dataset, str]:
+    """The source's rows as a ``datasets.Dataset``, and how error lines name it."""
+    if src.format == "hf":
+        return hf.load(str(src.path), str(src.split), src.subset), str(src.path)
+    rows = read_rows(src.format, src.path)
+    try:
+        return Dataset.from_list(rows), str(src.path)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise PetunerError(f"data.path={src.path!r}: the rows do not share one schema ({first_line(err)})") from None

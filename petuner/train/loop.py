@@ -66,18 +66,13 @@ def labelled_items(batch: dict[str, torch.Tensor], kind: str) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.device,
-             compute_dtype: torch.dtype | None) -> dict[str, float]:
-    """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy).
-
-    Under torchrun each rank evaluates its shard and the sums are added over ranks; the result is
-    the single-process one."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss · items, items, correct
-    share, summed = distributed.eval_share(model, len(data.eval))
-    loader = DataLoader(share, batch_size=batch_size,
-                        collate_fn=lambda idx: data.collate([data.eval[i] for i in idx]),
+def _eval_sums(model: nn.Module, data: DataBundle, dataset: Any, batch_size: int, device: torch.device,
+               compute_dtype: torch.dtype | None) -> list[float]:
+    """[loss · items, items, correct] over one held-out set (items: labelled tokens, or examples).
+    Under torchrun each rank evaluates its shard and the sums are added over ranks."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    share, summed = distributed.eval_share(model, len(dataset))
+    loader = DataLoader(share, batch_size=batch_size, collate_fn=lambda idx: data.collate([dataset[i] for i in idx]),
                         generator=_private_generator())
     for host_batch in loader:
         n = labelled_items(host_batch, data.kind)
@@ -88,13 +83,31 @@ def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.
         sums[1] += n
         if data.kind == "classification":
             sums[2] += (out.logits.argmax(-1) == batch["labels"]).sum()
-    model.train(was_training)
-    loss_sum, weight, correct = (distributed.sum_over_ranks(sums) if summed else sums).tolist()
-    metrics = {"eval/loss": loss_sum / weight}
-    if data.kind == "classification":
-        metrics["eval/accuracy"] = correct / weight
+    return (distributed.sum_over_ranks(sums) if summed else sums).tolist()
+
+
+def _eval_metrics(kind: str, prefix: str, loss_sum: float, weight: float, correct: float) -> dict[str, float]:
+    metrics = {f"{prefix}/loss": loss_sum / weight}
+    if kind == "classification":
+        metrics[f"{prefix}/accuracy"] = correct / weight
     else:
-        metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))
+        metrics[f"{prefix}/perplexity"] = math.exp(min(metrics[f"{prefix}/loss"], 50.0))
+    return metrics
+
+
+def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.device,
+             compute_dtype: torch.dtype | None) -> dict[str, float]:
+    """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy); with several
+    data sources, also per source (eval/<source>/loss), the combined figure over all their examples."""
+    was_training = model.training
+    model.eval()
+    sets = data.evals if len(data.evals) > 1 else {"": data.eval}
+    sums = {name: _eval_sums(model, data, dataset, batch_size, device, compute_dtype) for name, dataset in sets.items()}
+    model.train(was_training)
+    metrics = _eval_metrics(data.kind, "eval", *(sum(column) for column in zip(*sums.values(), strict=True)))
+    if len(sums) > 1:
+        for name, figures in sums.items():
+            metrics.update(_eval_metrics(data.kind, f"eval/{name}", *figures))
     return metrics
 
 
