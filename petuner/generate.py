@@ -20,7 +20,7 @@ import torch
 
 from petuner.data.sft import FALLBACK_TEMPLATE
 from petuner.errors import PetunerError
-from petuner.io import atomic_write_text
+from petuner.io import atomic_write_text, json_lines
 
 
 @dataclass
@@ -124,13 +124,7 @@ def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise PetunerError(f"--file {path} does not exist")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PetunerError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    for number, row in json_lines(path):
         prompt = row.get("prompt") if isinstance(row, dict) else row
         if not isinstance(prompt, str):
             raise PetunerError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} or a JSON string")

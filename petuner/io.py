@@ -104,3 +104,17 @@ def atomic_write_text(dest: Path | str, text: str) -> None:
 
 def atomic_write_json(dest: Path | str, obj: Any) -> None:
     atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line of a JSON-lines file; one line for bad JSON."""
+    from petuner.errors import PetunerError
+
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PetunerError(f"{path}:{number}: not valid JSON ({err.msg})") from None

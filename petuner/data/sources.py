@@ -7,7 +7,6 @@ reading; everything after that goes through the ``datasets`` library.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from datasets import Dataset
 from petuner import assets
 from petuner.data import hf
 from petuner.errors import ConfigError, PetunerError, first_line
+from petuner.io import json_lines
 
 Rows = list[dict[str, Any]]
 LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader: 10x faster than pure Python
@@ -48,17 +48,10 @@ def read_label_folders(path: Path) -> Rows:
 
 def read_jsonl(path: Path) -> Rows:
     rows: Rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PetunerError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise PetunerError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for number, row in json_lines(path):
+        if not isinstance(row, dict):
+            raise PetunerError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
