@@ -8,7 +8,7 @@ Each config group has one schema per choice, a dataclass next to the code that r
     adapter    <method module>.<Method>Schema              <method name>_schema (adapter=lora: lora_schema)
     optimizer  petuner.optim.schema.<Optimizer>Schema      <optimizer name>_schema
     trainer    petuner.train.schema.TrainerSchema          trainer_schema
-    logger     petuner.train.logging.<Logger>Schema        <logger name>_schema
+    logger     petuner.train.logging.LoggerSchema          (one schema for any mix of sinks; checked by validate)
 
 ``register_schemas`` stores them (``train.py`` and ``compose_config`` call it before Hydra composes).
 Composing then refuses a key a schema lacks and a value of the wrong type; both become one

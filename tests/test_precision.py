@@ -104,7 +104,7 @@ def train(base: torch.nn.Module, data: DataBundle, adapter: dict[str, Any], opti
     loop = Loop(model=model, data=data, optimizer=opt, scheduler=build_scheduler(opt, optimizer, 3), scaler=scaler,
                 hooks=[NonFiniteGuard(trainer.on_nonfinite, scaled=scaler.is_enabled()), *method.hooks(model)],
                 cfg=trainer, device=CPU, compute_dtype=compute, run_dir=run_dir,
-                metrics=MetricsLog(run_dir, OmegaConf.create({"name": "none"}), {}))
+                metrics=MetricsLog(run_dir, OmegaConf.create({}), {}))
     loop.results = loop.train()  # type: ignore[attr-defined]
     loop.metrics.close()
     return model, loop, before
