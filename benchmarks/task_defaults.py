@@ -32,7 +32,7 @@ ROWS = {
 
 
 def run_row(name: str) -> dict:
-    extra, what = ROWS[name]
+    extra, _ = ROWS[name]
     folder = SCRATCH / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -42,22 +42,30 @@ def run_row(name: str) -> dict:
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name}: train.py failed:\n{done.stderr[-3000:]}")
+    return read_row(name, folder, time.perf_counter() - start)
+
+
+def read_row(name: str, folder: Path, seconds: float) -> dict:
+    """A finished row's figures, from the run folder train.py wrote under ``folder``."""
+    extra, what = ROWS[name]
     (run_dir,) = (folder / "adapters").iterdir()
     info = json.loads((run_dir / "run.json").read_text())
     config = (run_dir / "config.yaml").read_text()
+    results = info["results"]
     return {"row": name, "what": what, "command": " ".join(["python train.py", *COMMAND, *extra]),
-            "accuracy": info["results"]["eval/accuracy"], "eval_loss": info["results"]["eval/loss"],
-            "steps": info["steps"], "seconds": round(time.perf_counter() - start, 1),
+            "accuracy_before": results["eval/accuracy_before"], "accuracy": results["eval/accuracy_after"],
+            "eval_loss": results["eval/loss_after"], "steps": info["steps"], "seconds": round(seconds, 1),
             "lr": next(line.split(":")[1].strip() for line in config.splitlines() if line.startswith("  lr:"))}
 
 
 def markdown(result: dict) -> str:
     from petuner.report import markdown_table
 
-    rows = [[r["command"], r["lr"], f"{r['accuracy']:.4f}", f"{r['eval_loss']:.4f}", str(r["steps"]),
-             f"{r['seconds']:.0f}"] for r in result["rows"]]
+    rows = [[r["command"], r["lr"], f"{r['accuracy_before']:.4f} → {r['accuracy']:.4f}", f"{r['eval_loss']:.4f}",
+             str(r["steps"]), f"{r['seconds']:.0f}"] for r in result["rows"]]
     return (f"# Task defaults: MiniLM-L6 + LoRA on BBC News\n\nload average before/after: {result['loadavg']}\n\n"
-            + markdown_table(["command", "optimizer.lr", "held-out accuracy", "held-out loss", "steps", "seconds"],
+            + markdown_table(["command", "optimizer.lr", "held-out accuracy (before → after)", "held-out loss", "steps",
+                              "seconds"],
                              rows))
 
 

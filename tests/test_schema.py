@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,23 @@ from petuner.adapters.sora import SoRASchema
 from petuner.config import CONF_DIR, GROUPS, compose_config, group_schema, schemas, validate
 from petuner.errors import ConfigError, PetunerError
 from petuner.schema import conform
+from petuner.train.logging import LoggerSchema
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_yaml_names_its_schema_and_sets_exactly_its_keys(group: str) -> None:
+    if group == "logger":  # one schema for every mix of sinks: each YAML sets its own sink's entry in full
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            raw = OmegaConf.load(path)
+            hints = typing.get_type_hints(LoggerSchema)
+            for sink, entry in raw.items():
+                sink_schema = next(a for a in typing.get_args(hints[str(sink)]) if a is not type(None))
+                assert set(entry) == {f.name for f in dataclasses.fields(sink_schema)}, path
+            cfg = compose_config(["model=tiny_llama", f"logger={path.stem}", "run_dir=."])
+            conform(LoggerSchema, cfg.logger, "logger", path.stem)
+        return
     for path in sorted((CONF_DIR / group).glob("*.yaml")):
         raw = OmegaConf.load(path)
         schema_name = raw.defaults[0]
@@ -60,7 +72,7 @@ WRONG = [
     (("optimizer.betas=0.9",), r"^optimizer.betas=0.9: must be two numbers in \[0, 1\)$"),
     (("trainer.resume=yes",), r"^trainer.resume='yes': must be true or false$"),
     (("trainer.seed=1.5",), r"^trainer.seed=1.5: must be an integer >= 0$"),
-    (("logger.tags=5",), r"^logger.tags=5: wrong type"),
+    (("logger.wandb.tags=5",), r"^logger.wandb.tags=5: wrong type"),
     # keys that contradict each other
     (("model=tiny_llama", "model.name_or_path=/no/such/model"),
      r"^model.name_or_path='/no/such/model' and model.random_init are both set"),
@@ -103,17 +115,16 @@ def test_head_lr_gives_the_task_head_its_own_group() -> None:
 # --- one kind of user error: PetunerError, one line -------------------------------------------------
 
 def test_a_chat_template_that_cannot_mask_the_answer_is_one_line() -> None:
-    from petuner.data.sft import format_pair
+    from petuner.data.sft import render
 
     class Tokenizer:
-        name_or_path = "odd"
         chat_template = "x"
 
-        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=False):
             return "<head>" if add_generation_prompt else "<other>" + messages[-1]["content"]
 
-    with pytest.raises(PetunerError, match=r"chat template of tokenizer 'odd' does not render the prompt") as err:
-        format_pair(Tokenizer(), "q", "a", None)
+    with pytest.raises(PetunerError, match=r"^odd row 1: the chat template is not prefix-stable") as err:
+        render([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], Tokenizer(), "odd row 1")
     assert "\n" not in str(err.value)
 
 

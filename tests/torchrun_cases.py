@@ -20,7 +20,7 @@ def overrides(case: str) -> tuple[str, ...]:
         return (*COMMON, *FSDP)
     if case == "lora":  # also shows that two processes make one wandb run
         os.environ["WANDB_MODE"] = "offline"
-        return (*COMMON, *CASES[case], "logger=wandb", "logger.mode=offline")
+        return (*COMMON, *CASES[case], "logger=wandb", "logger.wandb.mode=offline")
     os.environ["WANDB_MODE"] = "disabled"
     return (*COMMON, *CASES[case])
 
