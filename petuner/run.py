@@ -50,7 +50,7 @@ from petuner.train.labelled_logits import keep_labelled_logits
 from petuner.train.logging import MetricsLog
 from petuner.train.loop import Loop, total_steps
 from petuner.train.memory import MemoryHook
-from petuner.train.precision import adapter_dtype, check_precision, dtype_report, upcast_trainable
+from petuner.train.precision import adapter_dtype, check_precision, dtype_report, full_finetuning, upcast_trainable
 
 log = logging.getLogger(__name__)
 # Sections whose change makes a checkpoint meaningless for the run (trainer.max_steps may grow).
@@ -152,7 +152,7 @@ def set_up(cfg: DictConfig) -> Setup:
             method.prepare(model, batches, exclude=heads)
     seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
     injection = inject(model, method, heads, adapter_dtype=adapter_dtype(cfg.model))
-    if compute_dtype is not None and method.name != "none":  # not full fine-tuning
+    if compute_dtype is not None and not full_finetuning(method):
         upcast_trainable(model, adapter_dtype(cfg.model))  # heads, biases: autocast handles the mixed dtypes
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.3f%%); adapter=%s on %d modules", f"{trainable:,}",

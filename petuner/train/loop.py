@@ -39,12 +39,16 @@ def epoch_batches(order: list[int], size: int) -> list[list[int]]:
     return distributed.whole_batches([order[i:i + size] for i in range(0, len(order), size)])
 
 
+def batches_per_epoch(train_examples: int, batch_size: int) -> int:
+    """Global batches in an epoch (an epoch's last batch too small to give every rank an example is dropped)."""
+    return len(epoch_batches(list(range(train_examples)), batch_size))
+
+
 def total_steps(cfg: Any, train_examples: int) -> int:
     """Optimizer steps in the run: ``max_steps``, or ``epochs`` worth of accumulated batches."""
     if cfg.max_steps:
         return int(cfg.max_steps)
-    per_epoch = len(epoch_batches(list(range(train_examples)), cfg.batch_size))
-    return int(cfg.epochs) * math.ceil(per_epoch / cfg.grad_accum)
+    return int(cfg.epochs) * math.ceil(batches_per_epoch(train_examples, cfg.batch_size) / cfg.grad_accum)
 
 
 def _private_generator() -> torch.Generator:
@@ -131,7 +135,7 @@ class Loop:
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(epoch_batches(list(range(len(self.data.train))), self.cfg.batch_size))
+        return batches_per_epoch(len(self.data.train), self.cfg.batch_size)
 
     def total_steps(self) -> int:
         return total_steps(self.cfg, len(self.data.train))

@@ -24,11 +24,16 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def full_finetuning(method: Any) -> bool:
+    """``adapter=none``: the base weights themselves train (no adapter holds the update)."""
+    return method.name == "none"
+
+
 def check_precision(model_cfg: DictConfig, method: Any, compute_dtype: torch.dtype | None) -> None:
     """Dtype combinations that cannot train, refused before the weights load; pure low-precision full
     fine-tuning trains, with a warning."""
     weights, adapters = DTYPES[model_cfg.dtype], adapter_dtype(model_cfg)
-    full = method.name == "none"  # full fine-tuning: the base weights themselves train
+    full = full_finetuning(method)
     if compute_dtype == torch.float16 and torch.float16 in (weights if full else None, adapters):
         what = "model.dtype=float16 with full fine-tuning" if full else "model.adapter_dtype=float16"
         raise ConfigError(f"{what} under fp16 autocast: the gradient scaler cannot unscale fp16 gradients; "
