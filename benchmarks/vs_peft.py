@@ -196,7 +196,8 @@ def run_peft_trainer(cfg: Any, out_dir: Path) -> dict[str, Any]:
         warmup_steps=cfg.optimizer.warmup_steps, max_grad_norm=t.max_grad_norm, optim="adamw_torch_fused",
         logging_strategy="steps", logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none",
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=t.seed,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device.type == "cpu")
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device.type == "cpu",
+        torch_compile=bool(t.compile))
     trainer = Trainer(model=model, args=args, train_dataset=InOrder(), data_collator=collate, callbacks=[timer])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -229,7 +230,8 @@ def child(contender: str, model: str, dropout: float, steps: int, *extra: str) -
         phases.wrap(peft, "get_peft_model", "adapter")
         phases.wrap(transformers.Trainer, "train", "training")
     with tempfile.TemporaryDirectory() as tmp:
-        all_logits = ("trainer.labelled_logits=false",) if contender == "petuner-all-logits" else ()
+        all_logits = (("trainer.labelled_logits=false", "trainer.loss_chunk=null") if contender == "petuner-all-logits"
+                      else ())
         cfg = compose(model, dropout, steps, Path(tmp) / "run", *all_logits, *extra)
         if contender.startswith("petuner"):
             result = run_petuner(cfg)
@@ -367,6 +369,9 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="rewrite the .md and .png from the saved .json")
     parser.add_argument("--case", choices=["lora", *CASES], default="lora",
                         help="lora: the chatterbot comparison above; the others: see CASES")
+    parser.add_argument("--live-memory", action="store_true",
+                        help="with --case: peak memory of live tensors, without heap fragmentation (slow steps)")
+    parser.add_argument("--contenders", nargs="+", help="with --case: run only these of the case's contenders")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -376,7 +381,7 @@ def main() -> None:
     if args.case != "lora":
         from vs_peft_cases import run_case
 
-        run_case(args.case, args.repeats, args.note, spawn, summarise, matmul_peak)
+        run_case(args.case, args.repeats, args.note, spawn, summarise, matmul_peak, args.live_memory, args.contenders)
         return
     if args.render:
         render(json.loads((RESULTS / "vs_peft.json").read_text()))

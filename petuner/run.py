@@ -47,6 +47,7 @@ from petuner.train.compile import compile_model
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
 from petuner.train.guard import NonFiniteGuard
 from petuner.train.labelled_logits import keep_labelled_logits
+from petuner.train.lean_swiglu import lean_swiglu
 from petuner.train.logging import MetricsLog
 from petuner.train.loop import Loop, total_steps
 from petuner.train.memory import MemoryHook
@@ -162,6 +163,8 @@ def set_up(cfg: DictConfig) -> Setup:
         model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
     if (cfg.trainer.labelled_logits or cfg.trainer.loss_chunk) and cfg.model.task == "causal_lm":
         keep_labelled_logits(model, cfg.trainer.labelled_logits, cfg.trainer.loss_chunk)
+    if cfg.trainer.lean_swiglu:
+        lean_swiglu(model)
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.trainer.compile:

@@ -131,6 +131,35 @@ def test_chunked_logits_are_never_all_alive(monkeypatch) -> None:
     assert rows == [8, 8, 8, 8, 1]  # 33 positions, each once
 
 
+def test_evaluation_never_builds_the_whole_logits(monkeypatch) -> None:
+    """Under no_grad a labelled forward runs the output layer EVAL_CHUNK positions at a time, with
+    transformers' loss; with gradients on (no trainer.loss_chunk) it is one call, as before."""
+    from petuner.train import chunked_loss, labelled_logits
+
+    monkeypatch.setattr(labelled_logits, "EVAL_CHUNK", 8)
+    plain = llama(tied=False).eval()
+    fast = copy.deepcopy(plain)
+    keep_labelled_logits(fast)
+    batch, rows = sft_batch(), []
+    linear = chunked_loss.F.linear
+
+    def spy(x, weight, bias=None):
+        if weight is fast.lm_head.weight:
+            rows.append(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(chunked_loss.F, "linear", spy)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        out = fast(**batch)
+        torch.testing.assert_close(out.loss, plain(**batch).loss, rtol=0, atol=1e-6)
+    assert out.logits is None
+    assert rows == [8] * (labelled // 8) + [labelled % 8]
+    rows.clear()
+    fast(**batch).loss.backward()
+    assert rows == [labelled]
+
+
 class Wrapped(torch.nn.Module):
     """An output layer that is not a plain nn.Linear (as an adapter on it would be)."""
 

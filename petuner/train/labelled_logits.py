@@ -16,6 +16,10 @@ for a fraction of the time and memory. Without labels (generation, exports) noth
 With ``chunk`` (trainer.loss_chunk) the output layer does not run in the model's forward at all: the
 loss applies it chunk by chunk (``petuner.train.chunked_loss``), and the output's ``logits`` is None.
 ``labelled=False`` keeps every position but the last (the chunked loss without the selection).
+Under ``no_grad`` (evaluation) a labelled forward always chunks, by ``EVAL_CHUNK`` positions if no
+``chunk`` is set: without a backward pass chunking costs nothing, and an evaluation batch's logits
+(16 × 256 positions × 49,152 words: 805 MB in fp32, twice over with the log-softmax) would otherwise
+be the largest allocation of a run and leave the process's heap that much larger for training.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from torch import nn
 
 from petuner.data.sft import IGNORE
 from petuner.train.chunked_loss import chunked_cross_entropy
+
+EVAL_CHUNK = 256  # positions per output-layer call under no_grad, when trainer.loss_chunk is not set
 
 
 class LabelledLogits:
@@ -43,8 +49,11 @@ class LabelledLogits:
         model.register_forward_pre_hook(self.see_labels, with_kwargs=True)
         model.register_forward_hook(self.forget, always_call=True)
         head.register_forward_pre_hook(self.select)
-        if chunk:
-            head.forward = self.defer  # an instance attribute: the module, its weights and their names stay
+        head.forward = self.defer  # an instance attribute: the module, its weights and their names stay
+
+    def chunking(self) -> int | None:
+        """Positions per output-layer call now: ``chunk``, and always some under no_grad (nothing to recompute)."""
+        return self.chunk or (None if torch.is_grad_enabled() else EVAL_CHUNK)
 
     def see_labels(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         labels = kwargs.get("labels")
@@ -62,7 +71,7 @@ class LabelledLogits:
 
     def defer(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer under chunking: a selected forward passes its hidden states on to the loss."""
-        return hidden if self.selected else self.head_forward(hidden)
+        return hidden if self.selected and self.chunking() else self.head_forward(hidden)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: Any) -> torch.Tensor:
         if not self.selected:
@@ -71,12 +80,13 @@ class LabelledLogits:
         total = kwargs.get("num_items_in_batch")
         if total is None:
             total = (self.targets != IGNORE).sum()
-        if self.chunk:  # ``logits`` are the selected hidden states
-            return chunked_cross_entropy(self.head, self.head_forward, logits, self.targets, self.chunk) / total
+        chunk = self.chunking()
+        if chunk:  # ``logits`` are the selected hidden states
+            return chunked_cross_entropy(self.head, self.head_forward, logits, self.targets, chunk) / total
         return F.cross_entropy(logits.float(), self.targets, ignore_index=IGNORE, reduction="sum") / total
 
     def forget(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        deferred = self.selected and self.chunk
+        deferred = self.selected and self.chunking()
         self.keep = self.targets = None
         self.selected = False
         if deferred and getattr(output, "logits", None) is not None:
