@@ -2,9 +2,9 @@
 
 - ``labelled``: fully labelled plain-text rows (bbc_text, 4 × 256 tokens, evaluation batches of 16 as by default,
   LoRA r=8 on q/k/v/o, dropout 0, constant schedule): every position carries a label, so labelled logits save
-  nothing. petuner by default, compiled, without the chunked loss, and also without the lean SwiGLU (the
-  defaults before them), against peft + Trainer (``peft+Trainer-compiled``, its ``torch_compile=True``, can be
-  added to a case's contenders: the same torch.compile on the peer's side).
+  nothing. petuner by default, with chunks of 1,024, compiled, without the chunked loss, and also without the
+  lean SwiGLU (the defaults before them), against peft + Trainer. A contender named ``peft+Trainer-...`` with
+  ``trainer.compile=true`` runs Trainer with ``torch_compile=True`` (the ablation run had one).
 - ``packed``: chatterbot SFT, batch 8, max length 256: petuner with ``data.packing=true`` against petuner
   unpacked and peft + Trainer on padded batches; compared by real (non-padding) tokens/s, since a packed
   step holds more examples than a padded one.
@@ -14,9 +14,10 @@
 Contenders run as separate processes, interleaved (repeat 1 runs each once, then repeat 2...); a compiled
 contender's first step holds the compilation (inductor's cache on disk makes later runs' shorter). Peak memory
 is the process's peak RSS (CUDA: max allocated), with a breakdown by phase (``memory_phases.py``).
-Writes benchmarks/results/vs_peft_<case>.{json,md}.
+Writes benchmarks/results/vs_peft_<case>[_live].{json,md}.
 
-    .venv/bin/python benchmarks/vs_peft.py --case labelled --repeats 3
+    .venv/bin/python benchmarks/vs_peft.py --case labelled --repeats 3 --contenders petuner peft+Trainer
+    .venv/bin/python benchmarks/vs_peft.py --case long --repeats 1 --live-memory
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from petuner.train.checkpoint import check_world_size, latest_checkpoint, load_c
 from petuner.train.compile import compile_model
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
 from petuner.train.guard import NonFiniteGuard
-from petuner.train.labelled_logits import keep_labelled_logits
+from petuner.train.labelled_logits import install_output_path
 from petuner.train.lean_swiglu import lean_swiglu
 from petuner.train.logging import MetricsLog
 from petuner.train.loop import Loop, total_steps
@@ -161,10 +161,9 @@ def set_up(cfg: DictConfig) -> Setup:
     model.to(device)
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
-    if (cfg.trainer.labelled_logits or cfg.trainer.loss_chunk) and cfg.model.task == "causal_lm":
-        keep_labelled_logits(model, cfg.trainer.labelled_logits, cfg.trainer.loss_chunk)
+    install_output_path(model, cfg.trainer, cfg.model.task)
     if cfg.trainer.lean_swiglu:
-        lean_swiglu(model)
+        log.info("lean SwiGLU: %d MLPs save two of their three activations", lean_swiglu(model))
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.trainer.compile:

@@ -82,10 +82,12 @@ def test_without_labels_the_model_is_unchanged() -> None:
 
 @pytest.mark.parametrize("adapter", ["adapter=lora", "adapter=adalora"])
 def test_a_run_trains_the_same_with_and_without(cfg_factory, tmp_path, adapter: str) -> None:
-    """Whole runs agree, including AdaLoRA, whose orthogonal regulariser is added to the model's loss."""
+    """Whole runs agree: labelled logits with the chunked loss (chunks of 4) against transformers' own output
+    layer and loss, including AdaLoRA, whose orthogonal regulariser is added to the model's loss."""
     runs = {}
-    for flag in ("true", "false"):
-        run(cfg_factory(adapter, "trainer.max_steps=3", f"trainer.labelled_logits={flag}",
+    for flag in ("true", "false"):  # false: transformers' own output layer and loss, whole
+        chunk = "trainer.loss_chunk=null" if flag == "false" else "trainer.loss_chunk=4"
+        run(cfg_factory(adapter, "trainer.max_steps=3", f"trainer.labelled_logits={flag}", chunk,
                         run_dir=tmp_path / flag))
         lines = (tmp_path / flag / "metrics.jsonl").read_text().splitlines()
         runs[flag] = [m[key] for m in map(json.loads, lines) for key in ("train/loss", "eval/loss") if key in m]
@@ -158,6 +160,39 @@ def test_evaluation_never_builds_the_whole_logits(monkeypatch) -> None:
     rows.clear()
     fast(**batch).loss.backward()
     assert rows == [labelled]
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_path() -> None:
+    """Under autocast the output layer is cast once for all chunks; loss and gradients stay those of
+    transformers' path under the same autocast (bf16 rounding apart)."""
+    plain = llama(tied=False).train()
+    chunked = copy.deepcopy(plain)
+    keep_labelled_logits(chunked, chunk=4)
+    batch = sft_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads, _ = loss_and_grads(plain, batch)
+        chunk_loss, chunk_grads, _ = loss_and_grads(chunked, batch)
+    torch.testing.assert_close(chunk_loss, loss, rtol=0, atol=2e-2)
+    for name in grads:
+        torch.testing.assert_close(chunk_grads[name], grads[name], rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_capped_logits_keep_the_output_layer_whole() -> None:
+    """Gemma 2 soft-caps its logits between the output layer and the loss: chunking would skip the cap, so
+    such a model keeps the labelled selection but not the chunks, in training and in evaluation."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64,
+                          final_logit_softcapping=0.5)  # a cap small enough to change every loss
+    plain = Gemma2ForCausalLM(config).train()
+    fast = copy.deepcopy(plain)
+    keep_labelled_logits(fast, chunk=4)
+    batch = sft_batch()
+    torch.testing.assert_close(fast(**batch).loss, plain(**batch).loss, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**batch).loss, plain(**batch).loss, rtol=0, atol=1e-6)
 
 
 class Wrapped(torch.nn.Module):

@@ -28,6 +28,8 @@ def lora_llama() -> torch.nn.Module:
 def test_swiglu_gradients_are_exact() -> None:
     gate, up = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(SwiGLU.apply, (gate, up))
+    assert torch.autograd.gradcheck(SwiGLU.apply, (gate.detach(), up))  # only up trains: gate alone is saved
+    assert torch.autograd.gradcheck(SwiGLU.apply, (gate, up.detach()))
 
 
 def test_loss_and_every_gradient_equal_the_plain_mlp() -> None:

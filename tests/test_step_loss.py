@@ -9,12 +9,13 @@ from petuner.adapters import adapter_layers, build_adapter, inject
 from petuner.data import build_data
 from petuner.models import head_modules, load_model, load_tokenizer
 from petuner.train.device import grad_scaler
-from petuner.train.labelled_logits import keep_labelled_logits
+from petuner.train.labelled_logits import install_output_path
 from petuner.train.loop import Loop, labelled_items
 
 CASES = {
     "causal_lm": ("adapter.dropout=0",),
     "causal_lm, no labelled logits": ("adapter.dropout=0", "trainer.labelled_logits=false"),
+    "causal_lm, whole output layer": ("adapter.dropout=0", "trainer.labelled_logits=false", "trainer.loss_chunk=null"),
     "classification": ("model=tiny_bert", "data=bbc_news", "data.eval_size=16", "adapter.dropout=0"),
 }
 
@@ -28,8 +29,7 @@ def step_gradients(cfg, batch_size: int, grad_accum: int) -> dict[str, torch.Ten
     inject(model, build_adapter(cfg.adapter), head_modules(model, cfg.model.task))
     for _, layer in adapter_layers(model):  # B = 0 would leave A without a gradient
         torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
-    if cfg.trainer.labelled_logits and cfg.model.task == "causal_lm":
-        keep_labelled_logits(model)
+    install_output_path(model, cfg.trainer, cfg.model.task)  # as a run does (loss_chunk's default included)
     model.eval()  # no dropout (BERT's hidden dropout): the two splits must see the same function
     trainer = cfg.trainer.copy()
     trainer.batch_size, trainer.grad_accum = batch_size, grad_accum

@@ -32,6 +32,15 @@ def _summed_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Ten
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
+def _autocast(device: str, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output layer in autocast's dtype, cast once for every chunk: autocast caches casts only of
+    weights that train, so a frozen one would be cast again at each chunk's two matmuls."""
+    if not torch.is_autocast_enabled(device):
+        return weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weightᵀ + bias, target_i), with every gradient computed chunk by chunk in forward."""
 
@@ -43,9 +52,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b and bias is not None else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        weight_c, bias_c = _autocast(hidden.device.type, weight, bias)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(h, weight, bias).float()
+            logits = F.linear(h, weight_c, bias_c).float()
             valid = t != IGNORE
             safe = t.masked_fill(~valid, 0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -55,7 +65,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(len(t), device=t.device), safe] -= 1
             grad *= valid[:, None]
             if grad_h is not None:
-                grad_h[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_h[start:start + chunk] = (grad.to(weight_c.dtype) @ weight_c).to(hidden.dtype)
             if grad_w is not None:
                 grad_w += grad.t() @ h.float()
             if grad_b is not None:

@@ -24,6 +24,7 @@ be the largest allocation of a run and leave the process's heap that much larger
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -33,18 +34,22 @@ from torch import nn
 from petuner.data.sft import IGNORE
 from petuner.train.chunked_loss import chunked_cross_entropy
 
+log = logging.getLogger(__name__)
+
 EVAL_CHUNK = 256  # positions per output-layer call under no_grad, when trainer.loss_chunk is not set
 
 
 class LabelledLogits:
     """The per-forward state the hooks share: which positions feed the output layer."""
 
-    def __init__(self, model: nn.Module, head: nn.Module, labelled: bool = True, chunk: int | None = None) -> None:
+    def __init__(self, model: nn.Module, head: nn.Module, labelled: bool = True, chunk: int | None = None,
+                 deferrable: bool = True) -> None:
         self.keep: torch.Tensor | None = None      # (batch, length - 1) bool: positions whose next token counts
         self.targets: torch.Tensor | None = None   # the labels of those positions, in the same order
         self.selected = False                      # the output layer did get the selected positions
         self.fallback = model.loss_function        # transformers' own loss, for anything else
         self.labelled, self.chunk = labelled, chunk
+        self.deferrable = deferrable  # the model does nothing non-linear between its output layer and the loss
         self.head, self.head_forward = head, head.forward
         model.register_forward_pre_hook(self.see_labels, with_kwargs=True)
         model.register_forward_hook(self.forget, always_call=True)
@@ -53,6 +58,8 @@ class LabelledLogits:
 
     def chunking(self) -> int | None:
         """Positions per output-layer call now: ``chunk``, and always some under no_grad (nothing to recompute)."""
+        if not self.deferrable:
+            return None
         return self.chunk or (None if torch.is_grad_enabled() else EVAL_CHUNK)
 
     def see_labels(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -96,10 +103,22 @@ class LabelledLogits:
 
 def keep_labelled_logits(model: nn.Module, labelled: bool = True, chunk: int | None = None) -> LabelledLogits | None:
     """Install the labelled-positions path (and/or the chunked loss) on a transformers causal LM; None if it
-    has no output layer."""
+    has no output layer. A model that transforms its logits non-linearly before the loss (Gemma 2's
+    ``final_logit_softcapping``) keeps its output layer whole: chunking would skip that transform."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(model, "loss_function"):
         return None
-    state = LabelledLogits(model, head, labelled, chunk)
+    capped = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if capped and chunk:
+        log.info("trainer.loss_chunk=%d not applied: the model caps its logits (final_logit_softcapping=%s) "
+                 "between the output layer and the loss", chunk, capped)
+    state = LabelledLogits(model, head, labelled, chunk, deferrable=not capped)
     model.loss_function = state.loss
     return state
+
+
+def install_output_path(model: nn.Module, trainer: Any, task: str) -> LabelledLogits | None:
+    """What a run installs on a causal LM: ``trainer.labelled_logits`` and/or ``trainer.loss_chunk``."""
+    if task != "causal_lm" or not (trainer.labelled_logits or trainer.loss_chunk):
+        return None
+    return keep_labelled_logits(model, trainer.labelled_logits, trainer.loss_chunk)

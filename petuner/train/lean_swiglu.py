@@ -28,18 +28,21 @@ SWIGLU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo
 
 
 class SwiGLU(torch.autograd.Function):
-    """silu(gate) * up, saving gate and up only."""
+    """silu(gate) * up, saving gate and up only (up only when gate needs a gradient)."""
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
+        want_gate, want_up = ctx.needs_input_grad
+        ctx.save_for_backward(gate if want_gate or want_up else None, up if want_gate else None)
         return F.silu(gate) * up
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         gate, up = ctx.saved_tensors
+        want_gate, want_up = ctx.needs_input_grad
         # torch's own silu backward kernel: one fused pass, as in the plain path
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if want_gate else None
+        return grad_gate, grad * F.silu(gate) if want_up else None
 
 
 def _is_silu(act: nn.Module) -> bool:
