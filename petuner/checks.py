@@ -14,10 +14,6 @@ def shown(value: Any) -> str:
     return repr(value)
 
 
-def _figure(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
 def check_number(cfg: Any, key: str, group: str, *, low: float = 0, strict: bool = True, integer: bool = False,
                  optional: bool = False, below: float | None = None) -> None:
     """``group.key`` must be a number (an int with ``integer``) above ``low`` (at least, unless ``strict``),
@@ -29,8 +25,7 @@ def check_number(cfg: Any, key: str, group: str, *, low: float = 0, strict: bool
           and (value > low if strict else value >= low) and (below is None or value < below))
     if not ok:
         what = "an integer" if integer else "a number"
-        bound = (f"in [{_figure(low)}, {_figure(below)})" if below is not None
-                 else f"{'>' if strict else '>='} {_figure(low)}")
+        bound = f"in [{low:g}, {below:g})" if below is not None else f"{'>' if strict else '>='} {low:g}"
         raise ConfigError(f"{group}.{key}={shown(value)}: must be {what} {bound}" + (" or null" if optional else ""))
 
 
