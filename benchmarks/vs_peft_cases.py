@@ -2,9 +2,9 @@
 
 - ``labelled``: fully labelled plain-text rows (bbc_text, 4 × 256 tokens, evaluation batches of 16 as by default,
   LoRA r=8 on q/k/v/o, dropout 0, constant schedule): every position carries a label, so labelled logits save
-  nothing. petuner by default, with chunks of 1,024, compiled, without the chunked loss, and also without the
-  lean SwiGLU (the defaults before them), against peft + Trainer. A contender named ``peft+Trainer-...`` with
-  ``trainer.compile=true`` runs Trainer with ``torch_compile=True`` (the ablation run had one).
+  nothing. petuner by default, with chunks of 1,024, compiled (``trainer.compile=true``: each decoder layer),
+  without the chunked loss, and also without the lean SwiGLU (the defaults before them), against peft +
+  Trainer, eager and with its own ``torch_compile=True`` (the whole model).
 - ``packed``: chatterbot SFT, batch 8, max length 256: petuner with ``data.packing=true`` against petuner
   unpacked and peft + Trainer on padded batches; compared by real (non-padding) tokens/s, since a packed
   step holds more examples than a padded one.
@@ -40,8 +40,10 @@ CASES: dict[str, dict[str, Any]] = {
                  "contenders": {"petuner": (), "petuner-chunk-1024": ("trainer.loss_chunk=1024",),
                                 "petuner-unchunked": (NO_CHUNK,),
                                 "petuner-plain-mlp": (NO_CHUNK, PLAIN_MLP), "petuner-compiled": (COMPILE,),
-                                "peft+Trainer": ()},
+                                "peft+Trainer": (), "peft+Trainer-compiled": (COMPILE,)},
                  "pairs": [("petuner", "peft+Trainer"), ("petuner-compiled", "peft+Trainer"),
+                           ("petuner-compiled", "peft+Trainer-compiled"), ("peft+Trainer-compiled", "peft+Trainer"),
+                           ("petuner-compiled", "petuner"),
                            ("petuner-unchunked", "peft+Trainer"), ("petuner", "petuner-unchunked"),
                            ("petuner-unchunked", "petuner-plain-mlp"), ("petuner", "petuner-chunk-1024")],
                  "steps": 6, "rate": "step"},

@@ -114,6 +114,29 @@ def test_chunked_loss_and_every_gradient_equal_transformers(tied: bool, labelled
         torch.testing.assert_close(chunked(**batch).loss, plain(**batch).loss, rtol=0, atol=1e-6)
 
 
+def test_fused_output_layer_with_a_bias_equals_the_plain_one() -> None:
+    """The fused path's every gradient (hidden states, weight, bias), ignored positions and a last short chunk
+    included: the softmax's normalisation and the one-hot are applied after the matmuls, so each must be exact."""
+    from torch.nn import functional as F
+
+    from petuner.train.chunked_loss import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 6, generator=g, requires_grad=True)
+    weight = torch.randn(11, 6, generator=g, requires_grad=True)
+    bias = torch.randn(11, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (10,), generator=g)
+    targets[[2, 7]] = -100
+    fused = LinearCrossEntropy.apply(hidden, weight, bias, targets, 4)
+    fused_grads = torch.autograd.grad(fused * 3, (hidden, weight, bias))
+    plain = F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=-100, reduction="sum")
+    plain_grads = torch.autograd.grad(plain * 3, (hidden, weight, bias))
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+    for name, got, want in zip(("hidden", "weight", "bias"), fused_grads, plain_grads, strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=name)
+
+
 def test_chunked_logits_are_never_all_alive(monkeypatch) -> None:
     """The output layer only ever produces ``chunk`` rows of logits, and backward recomputes none of them."""
     from petuner.train import chunked_loss

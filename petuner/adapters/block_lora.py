@@ -40,7 +40,7 @@ class BlockLoRALinear(LoRALinear):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         summed = x.unflatten(-1, (self.n_blocks, -1)).sum(-2)  # x_1 + … + x_n
-        return self.lora_B(self.lora_A(summed)) * self.scaling
+        return self.lora_B(self.lora_A(summed) * self.scaling)  # s on the r-wide intermediate, as LoRALinear
 
     def full_A(self) -> torch.Tensor:
         """The equivalent LoRA's A = [A_s … A_s] (r × in)."""

@@ -76,7 +76,7 @@ class DyLoRALinear(LoRALinear):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.active_factors()
         x = self.lora_dropout(x.to(a.dtype))
-        return (x @ a.T) @ b.T * self.scaling
+        return (x @ a.T * self.scaling) @ b.T  # s on the r-wide intermediate, as LoRALinear
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.active_factors()

@@ -137,7 +137,9 @@ class LoRALinear(AdapterLayer):
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # s scales the r-wide intermediate, not the output: the same product, one pass over r columns
+        # instead of out_features, forward and backward
+        return self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

@@ -59,7 +59,7 @@ class SoRALinear(LoRALinear):
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return self.lora_B(self.lora_A(x) * self.gate) * self.scaling
+        return self.lora_B(self.lora_A(x) * (self.gate * self.scaling))  # r-wide, as LoRALinear
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight * self.gate) @ self.lora_A.weight * self.scaling

@@ -58,18 +58,24 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h, weight_c, bias_c).float()
             valid = t != IGNORE
             safe = t.masked_fill(~valid, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
-            # d(sum CE)/d logits = softmax - one_hot, zero at ignored positions; reuses the logits' memory
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(len(t), device=t.device), safe] -= 1
-            grad *= valid[:, None]
+            target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            numerators = logits.sub_(top).exp_()  # exp(logit - max), in the logits' memory
+            sums = numerators.sum(dim=-1)
+            total += ((top.squeeze(1) + sums.log() - target_logit) * valid).sum()
+            # d(sum CE)/d logits = numerators / sums - one_hot (0 where ignored): the division and the one-hot
+            # are applied after the matmuls, to hidden-wide rows, not to the vocabulary-wide chunk
+            scale, wanted = valid / sums, safe[valid]
             if grad_h is not None:
-                grad_h[start:start + chunk] = (grad.to(weight_c.dtype) @ weight_c).to(hidden.dtype)
+                g = (numerators.to(weight_c.dtype) @ weight_c).float() * scale[:, None]
+                g[valid] -= weight_c[wanted].float()
+                grad_h[start:start + chunk] = g.to(hidden.dtype)
             if grad_w is not None:
-                grad_w += grad.t() @ h.float()
+                grad_w += numerators.t() @ (h.float() * scale[:, None])
+                grad_w.index_add_(0, wanted, h[valid].float(), alpha=-1)
             if grad_b is not None:
-                grad_b += grad.sum(0)
+                grad_b += scale @ numerators
+                grad_b.index_add_(0, wanted, torch.ones_like(wanted, dtype=grad_b.dtype), alpha=-1)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)

@@ -1,17 +1,18 @@
-"""trainer.compile=true: ``torch.compile`` the model in place, falling back to each decoder layer alone.
+"""trainer.compile=true: ``torch.compile`` each decoder layer in place (the whole model if it has none).
 
-Compiling in place (``nn.Module.compile``) keeps the module tree, parameter names and hooks, so
-checkpoints, adapter state dicts and exports are those of the eager model. Dynamo compiles lazily, at
-the first forward: if the whole model fails there (a model or adapter dynamo cannot trace), the
-repeated decoder layers, where the time goes, are compiled one by one instead and the forward reruns.
+Per layer, as torchtune and torchtitan compile: the decoder layers are identical code, so dynamo
+compiles one graph and every layer reuses it (their weights are the graph's inputs), and the output
+path (labelled logits, the chunked loss, their hooks) stays eager. Measured on SmolLM2 (CPU, fp32,
+4 × 256 tokens, forward and backward): the first step ~15 s against 80–130 s for the whole model, and
+steps 0.83× against 0.87× of peft's eager ones. Compiling in place (``nn.Module.compile``) keeps the
+module tree, parameter names and hooks, so checkpoints, adapter state dicts and exports are those of
+the eager model.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -23,27 +24,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return max(lists, key=len, default=None)
 
 
-class WholeOrLayers:
-    """The model's compiled call: the whole model while dynamo manages; its layers from the first failure on."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.whole = torch.compile(model._call_impl)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self.whole(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as err:
-            layers = decoder_layers(self.model)
-            if layers is None:
-                raise
-            log.warning("torch.compile of the whole model failed (%s); compiling its %d layers instead",
-                        str(err).splitlines()[0], len(layers))
-            self.model._compiled_call_impl = None
-            for layer in layers:
-                layer.compile()
-            return self.model._call_impl(*args, **kwargs)
-
-
 def compile_model(model: nn.Module) -> None:
-    model._compiled_call_impl = WholeOrLayers(model)  # what nn.Module.compile sets, with the fallback
+    layers = decoder_layers(model)
+    if not layers:
+        log.info("torch.compile: no stack of layers found; compiling the whole model")
+        model.compile()
+        return
+    for layer in layers:
+        layer.compile()
+    log.info("torch.compile: each of the %d decoder layers (one graph, compiled at the first forward)", len(layers))

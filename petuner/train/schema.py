@@ -32,7 +32,7 @@ class TrainerSchema:
     labelled_logits: bool = flag(True)  # causal LM: the output layer runs only at labelled positions
     loss_chunk: int | None = steps(256)  # causal LM: output layer + loss over chunks of this many positions
     lean_swiglu: bool = flag(True)  # Llama-family MLPs save gate and up for backward, not silu(gate) too
-    compile: bool = flag(False)  # torch.compile the model (per decoder layer if the whole fails)
+    compile: bool = flag(False)  # torch.compile each decoder layer (the whole model if it has no layer stack)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (checked against the machine when the run starts)
     strategy: str = choice("ddp", STRATEGIES)  # under torchrun: ddp (replicate) | fsdp (shard, FSDP2)
     seed: int = number(42, strict=False, integer=True)
