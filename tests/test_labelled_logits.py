@@ -138,22 +138,26 @@ def test_fused_output_layer_with_a_bias_equals_the_plain_one() -> None:
 
 
 def test_chunked_logits_are_never_all_alive(monkeypatch) -> None:
-    """The output layer only ever produces ``chunk`` rows of logits, and backward recomputes none of them."""
+    """The output layer only ever produces ``chunk`` rows of logits, all chunks into the same memory, and
+    backward recomputes none of them."""
     from petuner.train import chunked_loss
 
     rows: list[int] = []
-    linear = chunked_loss.F.linear
+    buffers: set[int] = set()
+    mm = chunked_loss.torch.mm
     model = llama(tied=True).train()
 
-    def spy(x, weight, bias=None):
-        if weight is model.lm_head.weight:
-            rows.append(x.shape[0])
-        return linear(x, weight, bias)
+    def spy(a, b, *, out=None):
+        if b._base is model.lm_head.weight:
+            rows.append(a.shape[0])
+            buffers.add(out.data_ptr())
+        return mm(a, b, out=out)
 
-    monkeypatch.setattr(chunked_loss.F, "linear", spy)
+    monkeypatch.setattr(chunked_loss.torch, "mm", spy)
     keep_labelled_logits(model, labelled=False, chunk=8)
     model(**sft_batch()).loss.backward()
     assert rows == [8, 8, 8, 8, 1]  # 33 positions, each once
+    assert len(buffers) == 1
 
 
 def test_evaluation_never_builds_the_whole_logits(monkeypatch) -> None:
