@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from petuner.run import run
-from petuner.train.compile import compile_model, decoder_layers
+from petuner.train.blocks import decoder_layers
+from petuner.train.compile import compile_model
 from petuner.train.logging import read_metrics
 
 
@@ -19,7 +20,7 @@ def losses(run_dir) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_training_matches_eager(cfg_factory, tmp_path, checkpointing: bool) -> None:
-    """Compiled layers under gradient checkpointing too: the recomputation reruns the compiled forward."""
+    """Compiled layers, also under gradient checkpointing (traced into each layer's graph)."""
     common = ("trainer.max_steps=3", "adapter.dropout=0", f"trainer.gradient_checkpointing={checkpointing}")
     run(cfg_factory(*common, run_dir=tmp_path / "eager"))
     run(cfg_factory(*common, "trainer.compile=true", run_dir=tmp_path / "compiled"))

@@ -53,7 +53,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b and bias is not None else None
         total = hidden.new_zeros((), dtype=torch.float32)
         weight_c, bias_c = _autocast(hidden.device.type, weight, bias)
-        # one chunk's logits, written over by every chunk: a fresh 50 MB tensor per chunk (256 × 49,152 fp32)
+        # one chunk's logits, written over by every chunk: in fp32 a fresh 50 MB tensor per chunk (256 × 49,152)
         # costs its page faults, ~20% of the matmul on a CPU
         buffer = weight_c.new_empty(min(chunk, hidden.shape[0]), weight_c.shape[0])
         for start in range(0, hidden.shape[0], chunk):
@@ -64,22 +64,20 @@ class LinearCrossEntropy(torch.autograd.Function):
             safe = t.masked_fill(~valid, 0)
             target_logit = logits.gather(1, safe[:, None]).squeeze(1)
             top = logits.amax(dim=-1, keepdim=True)
-            numerators = logits.sub_(top).exp_()  # exp(logit - max), in the logits' memory
-            sums = numerators.sum(dim=-1)
+            probs = logits.sub_(top).exp_()  # exp(logit - max), in the logits' memory
+            sums = probs.sum(dim=-1)
             total += ((top.squeeze(1) + sums.log() - target_logit) * valid).sum()
-            # d(sum CE)/d logits = numerators / sums - one_hot (0 where ignored): the division and the one-hot
-            # are applied after the matmuls, to hidden-wide rows, not to the vocabulary-wide chunk
-            scale, wanted = valid / sums, safe[valid]
+            # d(sum CE)/d logits = softmax - one_hot, formed in fp32 before any bf16/fp16 matmul (afterwards a
+            # confident token's p - 1 would cancel away); ignored rows are zeroed on the hidden-wide products
+            probs.div_(sums[:, None])
+            probs[torch.arange(len(t), device=t.device), safe] -= 1
+            keep = valid.float()[:, None]
             if grad_h is not None:
-                g = (numerators.to(weight_c.dtype) @ weight_c).float() * scale[:, None]
-                g[valid] -= weight_c[wanted].float()
-                grad_h[start:start + chunk] = g.to(hidden.dtype)
+                grad_h[start:start + chunk] = ((probs.to(weight_c.dtype) @ weight_c).float() * keep).to(hidden.dtype)
             if grad_w is not None:
-                grad_w += numerators.t() @ (h.float() * scale[:, None])
-                grad_w.index_add_(0, wanted, h[valid].float(), alpha=-1)
-            if grad_b is not None:
-                grad_b += scale @ numerators
-                grad_b.index_add_(0, wanted, torch.ones_like(wanted, dtype=grad_b.dtype), alpha=-1)
+                grad_w += probs.t() @ (h.float() * keep)
+            if grad_b is not None:  # rare (a trained output bias): a pass over the chunk, exact in fp32
+                grad_b += (probs * keep).sum(0)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)

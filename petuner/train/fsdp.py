@@ -1,7 +1,7 @@
 """``trainer.strategy=fsdp``: a base model too large for one device, sharded over the processes with FSDP2.
 
-torch's ``fully_shard`` makes one unit per decoder layer (the classes a transformers model names in
-``_no_split_modules``) plus the root; parameters become DTensors holding each rank's shard and are
+torch's ``fully_shard`` makes one unit per decoder layer (``blocks.decoder_layers``: the classes a transformers
+model names in ``_no_split_modules``) plus the root; parameters become DTensors holding each rank's shard and are
 gathered for each unit's forward and backward. Frozen base weights and trainable adapter weights share
 units (FSDP2 allows mixed ``requires_grad``); a mixed-precision policy computes in the run's precision
 and reduces gradients in fp32. What leaves the processes (checkpoints, the final adapter, exports) is
@@ -25,6 +25,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from petuner.errors import ConfigError
+from petuner.train.blocks import decoder_layers
 
 # Verified under FSDP on CPU (gloo): tests/test_distributed.py. Others are refused rather than guessed at:
 # quantized bases store packed integer weights FSDP cannot shard (QLoRA over FSDP needs bitsandbytes'
@@ -45,8 +46,7 @@ def check(adapter: str, optimizer: str) -> None:
 def shard(model: nn.Module, compute_dtype: torch.dtype | None) -> nn.Module:
     """Shard ``model`` in place: one FSDP unit per decoder layer, then the root (embeddings, head)."""
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    for module in [m for m in model.modules() if type(m).__name__ in names]:
+    for module in decoder_layers(model):
         fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
