@@ -64,6 +64,22 @@ def test_compile_compiles_each_decoder_layer_into_one_graph(cfg_factory) -> None
             torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_decoder_layers_are_the_no_split_modules_else_the_longest_module_list(cfg_factory) -> None:
+    """What compilation and FSDP take as the model's blocks; a model with neither is compiled whole."""
+    from torch import nn
+
+    from petuner.models import load_model
+
+    llama = load_model(cfg_factory().model, meta=True)
+    assert [type(m).__name__ for m in decoder_layers(llama)] == ["LlamaDecoderLayer"] * 2
+    plain = nn.Sequential(nn.ModuleList([nn.Linear(2, 2)]), nn.ModuleList([nn.Linear(2, 2), nn.ReLU()]))
+    assert decoder_layers(plain) == list(plain[1])
+    whole = nn.Sequential(nn.Linear(2, 2))
+    assert decoder_layers(whole) == []
+    compile_model(whole)  # lazily: nothing is traced until a forward
+    assert whole._compiled_call_impl is not None
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_attention_implementation_reaches_the_model(cfg_factory, attn: str) -> None:
     from petuner.models import load_model
