@@ -4,7 +4,8 @@ from __future__ import annotations
 
 EXPORT_FORMATS = ("peft", "merged", "quantized", "gguf")
 GGUF_DTYPES = ("f32", "f16", "q8_0")
-# The run's `objective`: which way is better, and which kinds of data measure it.
+# The run's `objective`: which way is better, and which model tasks' evaluations report it. Keyed by the
+# task, not the data kind: every kind (chat, sft, text, and mixtures such as sft+text) belongs to one task,
+# so the objective is checked with the config, before any data is read.
 DIRECTIONS = {"eval/loss": "minimize", "eval/perplexity": "minimize", "eval/accuracy": "maximize"}
-KIND_METRICS = {"classification": ("eval/loss", "eval/accuracy"),
-                "sft": ("eval/loss", "eval/perplexity"), "text": ("eval/loss", "eval/perplexity")}
+TASK_METRICS = {"causal_lm": ("eval/loss", "eval/perplexity"), "seq_cls": ("eval/loss", "eval/accuracy")}

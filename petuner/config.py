@@ -98,7 +98,7 @@ def choice_name(cfg: DictConfig, group: str) -> str:
 def validate(cfg: DictConfig) -> Plan:
     """Check every group of a composed run config; raises ConfigError naming the first bad value."""
     from petuner.adapters import build_adapter
-    from petuner.choices import DIRECTIONS
+    from petuner.choices import DIRECTIONS, TASK_METRICS
     from petuner.data.schema import check_data_combination
     from petuner.models import check_model_combination
     from petuner.train.schema import check_trainer_combination
@@ -114,6 +114,10 @@ def validate(cfg: DictConfig) -> Plan:
     check_trainer_combination(checked["trainer"])
     if cfg.objective not in DIRECTIONS:
         raise ConfigError(f"objective={cfg.objective!r}: allowed: {', '.join(DIRECTIONS)}")
+    task = checked["model"].task
+    if cfg.objective not in TASK_METRICS[task]:
+        raise ConfigError(f"objective={cfg.objective} is not measured for model.task={task}; "
+                          f"allowed: {', '.join(TASK_METRICS[task])}")
     if cfg.get("export") not in EXPORTS:
         raise ConfigError(f"export={cfg.export!r}: allowed: null, merged, peft")
     return Plan(method=method, data=checked["data"])

@@ -41,7 +41,7 @@ from petuner.models import context_length, head_modules, load_model, load_tokeni
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import read_config
 from petuner.train import distributed
-from petuner.train.best import BestCheckpoint, check_objective
+from petuner.train.best import BestCheckpoint
 from petuner.train.checkpoint import check_world_size, latest_checkpoint, load_checkpoint
 from petuner.train.compile import compile_model
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
@@ -141,7 +141,6 @@ def set_up(cfg: DictConfig) -> Setup:
     data = build_data(plan.data, tokenizer, cfg.model.task)
     if cfg.data.packing:
         data = pack_bundle(data, tokenizer, cfg.data.max_length, cfg.data.split_seed)
-    check_objective(cfg.objective, data.kind)
     log.info("data:\n%s", describe(data, tokenizer, examples=1))
 
     model = load_model(cfg.model, data.num_labels)

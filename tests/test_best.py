@@ -89,9 +89,28 @@ def test_patience_without_evaluations_is_one_line(cfg_factory) -> None:
         run(cfg_factory("trainer.early_stopping_patience=2"))
 
 
-def test_objective_the_data_does_not_measure_is_one_line(cfg_factory) -> None:
-    with pytest.raises(ConfigError, match=r"objective='eval/accuracy' is not measured on data\.kind=sft data"):
-        run(cfg_factory("trainer.eval_every=1", "objective=eval/accuracy"))
+# Every shipped data config, each kind and the mixed kind (data=mixture is sft+text): the objective is
+# checked against the model's task with the config, before any data is read or anything is written.
+# Keyed by data kind, the check raised KeyError for chat and sft+text in every run.
+@pytest.mark.parametrize("data, model, measured, unmeasured", [
+    ("chatterbot", "tiny_llama", ("eval/loss", "eval/perplexity"), "eval/accuracy"),
+    ("chat", "tiny_llama", ("eval/loss", "eval/perplexity"), "eval/accuracy"),
+    ("bbc_text", "tiny_llama", ("eval/loss", "eval/perplexity"), "eval/accuracy"),
+    ("mixture", "tiny_llama", ("eval/loss", "eval/perplexity"), "eval/accuracy"),
+    ("bbc_news", "tiny_bert", ("eval/loss", "eval/accuracy"), "eval/perplexity"),
+])
+def test_objective_check_covers_every_data_kind(cfg_factory, tmp_path, data, model, measured, unmeasured) -> None:
+    from petuner.config import validate
+
+    overrides = (f"model={model}", f"data={data}", "data.path=unused.jsonl" if data == "chat" else "data.limit=8")
+    for objective in measured:
+        validate(cfg_factory(*overrides, f"objective={objective}"))
+    with pytest.raises(ConfigError) as err:
+        run(cfg_factory(*overrides, "trainer.eval_every=1", f"objective={unmeasured}"))
+    task = "causal_lm" if model == "tiny_llama" else "seq_cls"
+    assert str(err.value) == (f"objective={unmeasured} is not measured for model.task={task}; "
+                              f"allowed: {', '.join(measured)}")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

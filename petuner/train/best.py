@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from petuner.adapters import adapter_state_dict
-from petuner.choices import DIRECTIONS, KIND_METRICS
-from petuner.errors import ConfigError
+from petuner.choices import DIRECTIONS
 from petuner.io import ADAPTER_FILE, atomic_dir, atomic_write_json, save_tensors
 from petuner.manifest import write_manifest
 from petuner.train import distributed
@@ -24,14 +23,6 @@ from petuner.train.hooks import Hook, TrainState
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
-
-
-def check_objective(objective: str, data_kind: str) -> None:
-    """The objective must be one of the metrics this kind of data's evaluation reports."""
-    measured = KIND_METRICS[data_kind]
-    if objective not in measured:
-        raise ConfigError(f"objective={objective!r} is not measured on data.kind={data_kind} data; "
-                          f"allowed: {', '.join(measured)}")
 
 
 class BestCheckpoint(Hook):
