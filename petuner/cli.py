@@ -15,6 +15,7 @@ from typing import Any
 
 from petuner.choices import DIRECTIONS, EXPORT_FORMATS, GGUF_DTYPES
 from petuner.errors import PetunerError
+from petuner.ui import add_parser as add_ui_parser
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -105,18 +106,10 @@ def _sweep_report(args: argparse.Namespace) -> None:
 
 def _data(args: argparse.Namespace) -> None:
     """Build the data exactly as ``python train.py <overrides>`` would (tokenizer only, no weights) and show it."""
-    from petuner.config import check_command_line, compose_config, validate
-    from petuner.data import build_data
     from petuner.data.report import describe
-    from petuner.data.schema import check_max_length
-    from petuner.models import context_length, load_tokenizer, model_config
+    from petuner.ui.preview import prepared_data
 
-    check_command_line(args.overrides)
-    cfg = compose_config([*args.overrides, "run_dir=."])
-    plan = validate(cfg)
-    check_max_length(plan.data, context_length(model_config(cfg.model)))
-    tokenizer = load_tokenizer(cfg.model)
-    print(describe(build_data(plan.data, tokenizer, cfg.model.task), tokenizer, args.examples))
+    print(describe(*prepared_data(args.overrides), args.examples))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("overrides", nargs="*", help="config overrides as for train.py, e.g. data=chat data.path=x.jsonl")
     data.add_argument("--examples", type=int, default=2, help="how many training examples to decode (default 2)")
     data.set_defaults(func=_data)
+    add_ui_parser(commands)
     return parser
 
 

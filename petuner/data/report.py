@@ -57,17 +57,26 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 def show_example(example: dict[str, Any], tokenizer: Any, kind: str, label_names: list[str]) -> str:
     """One example decoded; the tokens that carry loss between [[ and ]]."""
-    ids = example["input_ids"]
     if kind == "classification":
-        return f"{tokenizer.decode(ids)!r} -> label {label_names[example['labels']]!r}"
-    out, run, labelled = [], [], False
-    for token, label in zip(ids, example["labels"], strict=True):
+        return f"{tokenizer.decode(example['input_ids'])!r} -> label {label_names[example['labels']]!r}"
+    spans = labelled_spans(example, tokenizer)
+    return "".join(f"{OPEN}{text}{CLOSE}" if labelled else text for text, labelled in spans)
+
+
+def labelled_spans(example: dict[str, Any], tokenizer: Any) -> list[tuple[str, bool]]:
+    """A language-modelling example decoded as (text, carries loss) runs (the web page highlights them)."""
+    spans: list[tuple[str, bool]] = []
+    run: list[int] = []
+    labelled = False
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
         if (label != IGNORE) != labelled:
-            out.append(tokenizer.decode(run) + (OPEN if not labelled else CLOSE))
+            if run:
+                spans.append((tokenizer.decode(run), labelled))
             run, labelled = [], not labelled
         run.append(token)
-    out.append(tokenizer.decode(run) + (CLOSE if labelled else ""))
-    return "".join(out)
+    if run:
+        spans.append((tokenizer.decode(run), labelled))
+    return spans
 
 
 def describe(data: Any, tokenizer: Any, examples: int) -> str:

@@ -1,0 +1,40 @@
+"""The data a command line would train on, built as ``train.py`` builds it (tokenizer only, no weights).
+
+Shared by ``petuner data`` (printed) and the web page (the labelled spans highlighted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from petuner.data.report import labelled_spans, show_example, summary_lines
+
+
+def prepared_data(overrides: Sequence[str]) -> tuple[Any, Any]:
+    """(data bundle, tokenizer) for these overrides; one ConfigError line for a bad value, before any reading."""
+    from petuner.config import check_command_line, compose_config, validate
+    from petuner.data import build_data
+    from petuner.data.schema import check_max_length
+    from petuner.models import context_length, load_tokenizer, model_config
+
+    check_command_line(overrides)
+    cfg = compose_config([*overrides, "run_dir=."])
+    plan = validate(cfg)
+    check_max_length(plan.data, context_length(model_config(cfg.model)))
+    tokenizer = load_tokenizer(cfg.model)
+    return build_data(plan.data, tokenizer, cfg.model.task), tokenizer
+
+
+def highlighted(data: Any, tokenizer: Any, examples: int) -> tuple[str, list[list[tuple[str, str | None]]]]:
+    """The report's summary, and the first training examples as (text, "loss" or None) spans."""
+    summary = "\n".join([*summary_lines(data.report), f"training on {data.report['train_examples']:,} examples, "
+                                                      f"evaluating on {data.report['eval_examples']:,}"])
+    shown = []
+    for i in range(min(examples, len(data.train))):
+        if data.kind == "classification":
+            shown.append([(show_example(data.train[i], tokenizer, data.kind, data.label_names), None)])
+        else:
+            shown.append([(text, "loss" if labelled else None) for text, labelled in
+                          labelled_spans(data.train[i], tokenizer)])
+    return summary, shown
