@@ -40,6 +40,8 @@ def build_app(store: Path, conf_dir: Path = CONF_DIR) -> gr.Blocks:
                 chat_tab(shared)
             with gr.Tab("Export", id="export"):
                 export_tab(shared)
+        for function, outputs in shared.on_load:  # menus and tables as the store is now, not at server start
+            app.load(function, None, outputs)
     return app
 
 
@@ -89,7 +91,7 @@ def _widgets(fields: list[Field], tag: str) -> list[gr.components.Component]:
     widgets: list[gr.components.Component] = []
     groups = dict.fromkeys(f.group for f in fields)
     for group in groups:
-        with gr.Accordion(group or "run", open=group in ("", "trainer", "adapter")), gr.Row(equal_height=False):
+        with gr.Accordion(group or "run", open=True), gr.Row(equal_height=False):
             widgets += [widget(f, f"{tag}:{f.path}") for f in fields if f.group == group]
     return widgets
 

@@ -1,10 +1,15 @@
-"""The curves of runs, as long tables (step, value, series) that Gradio's line plots draw."""
+"""The curves of runs: long tables (step, value, series) drawn as matplotlib figures.
+
+Figures, not Gradio's live line plots: redrawn every second while a run trains, those stacked their
+axes in the browser (Gradio 6.31); a figure is rendered on the server and replaced whole.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from petuner.ui.store import RunState, metrics
 
@@ -12,6 +17,7 @@ from petuner.ui.store import RunState, metrics
 PANELS = {"loss": ("train/loss", "eval/loss"), "learning rate": ("train/lr",), "grad norm": ("train/grad_norm",),
           "tokens/s": ("train/tokens_per_s",)}
 COLUMNS = ["step", "value", "series"]
+OVERLAID = ("train/loss", "eval/loss")  # the metrics the Compare tab draws run against run
 
 
 def run_frames(run_dir: Path) -> dict[str, pd.DataFrame]:
@@ -34,6 +40,24 @@ def overlay(run_dirs: list[Path], name: str) -> pd.DataFrame:
     points = [(int(r["step"]), float(r[name]), d.name) for d in run_dirs for r in metrics(d)
               if isinstance(r.get(name), (int, float))]
     return pd.DataFrame(points, columns=COLUMNS)
+
+
+def figure(frames: dict[str, pd.DataFrame], columns: int = 5) -> Figure:
+    """One panel per table, a line per series (``Figure``, not pyplot: no global state, thread-safe)."""
+    rows = -(-len(frames) // columns)
+    fig = Figure(figsize=(3.2 * min(columns, len(frames)), 2.6 * rows))
+    axes = fig.subplots(rows, min(columns, len(frames)), squeeze=False).ravel()
+    for ax, (title, frame) in zip(axes, frames.items(), strict=False):
+        for series, points in frame.groupby("series", sort=True):
+            ax.plot(points["step"], points["value"], label=str(series), marker="." if len(points) < 12 else None)
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        if len(frame):
+            ax.legend(fontsize=7)
+    for ax in axes[len(frames):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
 
 
 def progress_text(now: RunState, points: int) -> str:

@@ -68,6 +68,13 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def metrics_mark(run_dir: Path) -> str:
+    """Changes whenever metrics.jsonl does (size and modification time)."""
+    path = run_dir / METRICS_FILE
+    stat = path.stat() if path.is_file() else None
+    return f"{stat.st_size}:{stat.st_mtime_ns}" if stat else ""
+
+
 def run_config(run_dir: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
@@ -82,8 +89,10 @@ def log_tail(run_dir: Path, lines: int = 40) -> str:
         return ""
     with open(path, "rb") as handle:
         handle.seek(max(0, path.stat().st_size - 64 * 1024))
-        text = handle.read().decode(errors="replace").replace("\r", "\n")
-    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+        text = handle.read().decode(errors="replace")
+    # a progress bar rewrites its line after carriage returns: keep its latest state
+    shown = [next((part for part in reversed(line.split("\r")) if part.strip()), "") for line in text.split("\n")]
+    return "\n".join([line for line in shown if line.strip()][-lines:])
 
 
 def error_line(run_dir: Path) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ PROGRESS = gr.Progress()  # Gradio fills a handler's progress argument when its 
 class Shared:
     store: Path
     tabs: gr.Tabs
+    on_load: list[tuple[Any, Any]] = field(default_factory=list)  # (function, output): run when a page opens
 
     def run(self, name: str | None) -> Path:
         """A run of the store by its folder name (a name with a path in it never leaves the store)."""
@@ -37,8 +38,10 @@ def run_names(store: Path, finished: bool = False) -> list[str]:
     return [d.name for d in dirs if not finished or (d / "adapter.safetensors").is_file()]
 
 
-def _plot(title: str, elem_id: str) -> gr.LinePlot:
-    return gr.LinePlot(x="step", y="value", color="series", title=title, elem_id=elem_id, height=260)
+def _latest(store: Path, finished: bool = False) -> Any:
+    """A run menu as a page opens: the store's runs, the newest chosen."""
+    names = run_names(store, finished)
+    return gr.update(choices=names, value=names[0] if names else None)
 
 
 def watch_tab(shared: Shared) -> gr.Dropdown:
@@ -49,19 +52,20 @@ def watch_tab(shared: Shared) -> gr.Dropdown:
         abort_btn = gr.Button("Abort (checkpoint and stop)", elem_id="abort", variant="stop")
         resume_btn = gr.Button("Resume", elem_id="resume")
     progress = gr.Markdown(elem_id="progress")
-    with gr.Row():
-        plots = [_plot(name, f"plot-{name.replace(' ', '-').replace('/', '-')}")
-                 for name in [*charts.PANELS, "evaluations"]]
+    curves = gr.Plot(label="curves", elem_id="curves")
     tail = gr.Textbox(label="log (tail)", lines=12, max_lines=12, elem_id="log-tail", autoscroll=True)
 
-    def refresh(name: str | None) -> list[Any]:
+    def refresh(name: str | None, seen: str) -> list[Any]:
+        """Re-read the run; the curves are drawn again only when metrics.jsonl changed."""
+        menu = gr.update(choices=run_names(shared.store))
         if not name or not (shared.store / name).is_dir():
-            return [gr.update(choices=run_names(shared.store)), "", *([None] * len(plots)), ""]
+            return [menu, "", None, "", ""]
         run_dir = shared.run(name)
         frames = charts.run_frames(run_dir)
         points = int((frames["loss"]["series"] == "train/loss").sum())
-        return [gr.update(choices=run_names(shared.store)), charts.progress_text(runs.state(run_dir), points),
-                *frames.values(), runs.log_tail(run_dir)]
+        mark = f"{name}:{runs.metrics_mark(run_dir)}"
+        drawn = gr.skip() if mark == seen else charts.figure(frames)
+        return [menu, charts.progress_text(runs.state(run_dir), points), drawn, runs.log_tail(run_dir), mark]
 
     def act(name: str | None, action: Any) -> str:
         try:
@@ -70,9 +74,11 @@ def watch_tab(shared: Shared) -> gr.Dropdown:
             return f"error: {err}"
         return f"{action.__name__}: sent to {name}"
 
-    outputs = [pick, progress, *plots, tail]
-    gr.Timer(REFRESH_S).tick(refresh, pick, outputs, show_progress="hidden")
-    pick.change(refresh, pick, outputs)
+    seen = gr.State("")  # the metrics file state the plots show
+    outputs = [pick, progress, curves, tail, seen]
+    gr.Timer(REFRESH_S).tick(refresh, [pick, seen], outputs, show_progress="hidden")
+    pick.change(refresh, [pick, gr.State("")], outputs)
+    shared.on_load.append((lambda: _latest(shared.store), pick))
     abort_btn.click(lambda n: act(n, launcher.abort), pick, progress)
     resume_btn.click(lambda n: act(n, launcher.resume), pick, progress)
     return pick
@@ -83,9 +89,7 @@ def compare_tab(shared: Shared) -> None:
     refresh_btn = gr.Button("Refresh", elem_id="compare-refresh")
     table = gr.Dataframe(elem_id="runs-table", interactive=False, wrap=True)
     chosen = gr.Dropdown(run_names(shared.store), multiselect=True, label="runs to overlay", elem_id="overlay-runs")
-    with gr.Row():
-        overlays = [_plot(f"{name} by run", f"overlay-{name.replace('/', '-')}")
-                    for name in ("train/loss", "eval/loss")]
+    overlaid = gr.Plot(label="curves by run", elem_id="overlay")
     with gr.Accordion("A sweep's report (petuner sweep-report)", open=False):
         sweep = gr.Dropdown([p.name for p in runs.sweep_dirs(shared.store)], label="sweep", elem_id="sweep")
         sweep_table = gr.Dataframe(interactive=False, elem_id="sweep-table")
@@ -95,9 +99,9 @@ def compare_tab(shared: Shared) -> None:
         rows = pd.DataFrame([runs.summary(d) for d in runs.run_dirs(shared.store)])
         return [rows, gr.update(choices=run_names(shared.store))]
 
-    def overlay(names: list[str] | None) -> list[pd.DataFrame]:
+    def overlay(names: list[str] | None) -> Any:
         dirs = [shared.run(n) for n in names or []]
-        return [charts.overlay(dirs, "train/loss"), charts.overlay(dirs, "eval/loss")]
+        return charts.figure({name: charts.overlay(dirs, name) for name in charts.OVERLAID}, columns=2)
 
     def report(name: str | None) -> list[Any]:
         from petuner.sweep import sweep_report
@@ -109,7 +113,8 @@ def compare_tab(shared: Shared) -> None:
         return [pd.read_csv(folder / "sweep_report.csv"), sorted(str(p) for p in folder.glob("*.png"))]
 
     refresh_btn.click(table_rows, None, [table, chosen])
-    chosen.change(overlay, chosen, overlays)
+    shared.on_load.append((table_rows, [table, chosen]))
+    chosen.change(overlay, chosen, overlaid)
     sweep.change(report, sweep, [sweep_table, sweep_plots])
 
 
@@ -127,8 +132,8 @@ def chat_tab(shared: Shared) -> None:
         top_p = gr.Number(1.0, label="top p", elem_id="top-p")
         seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
     with gr.Row():
-        left = gr.Chatbot(label="run", elem_id="chat-left", height=300)
-        right = gr.Chatbot(label="side by side", elem_id="chat-right", height=300)
+        left = gr.Chatbot(label="the run", elem_id="chat-left", height=300)
+        right = gr.Chatbot(label="side by side: the same prompts", elem_id="chat-right", height=300)
     message = gr.Textbox(label="message", elem_id="chat-message", submit_btn=True)
     status = gr.Markdown(elem_id="chat-status")
 
@@ -149,11 +154,16 @@ def chat_tab(shared: Shared) -> None:
         except PetunerError as err:
             yield [*outs, f"error: {err}"]
 
+    shared.on_load.append((lambda: _latest(shared.store, True), first))
+    shared.on_load.append((lambda: _chat_others(shared.store), second))
     message.submit(send, [message, first, second, left, right, max_new, temperature, top_p, seed],
                    [left, right, status]).then(lambda: "", None, message)
-    reload_btn.click(lambda: [gr.update(choices=run_names(shared.store, True)), gr.update(
-        choices=["(none)", *run_names(shared.store, True), *(n + BASE for n in run_names(shared.store, True))])],
-                     None, [first, second])
+    reload_btn.click(lambda: [_latest(shared.store, True), _chat_others(shared.store)], None, [first, second])
+
+
+def _chat_others(store: Path) -> Any:
+    names = run_names(store, True)
+    return gr.update(choices=["(none)", *names, *(n + BASE for n in names)], value="(none)")
 
 
 def export_tab(shared: Shared) -> None:
@@ -184,4 +194,5 @@ def export_tab(shared: Shared) -> None:
         return f"written: `{written.resolve()}` ({size / 2**20:.1f} MiB)"
 
     go.click(run_export, [pick, fmt, dtype, out, force], result)
+    shared.on_load.append((lambda: _latest(shared.store, True), pick))
     pick.focus(lambda: gr.update(choices=run_names(shared.store, True)), None, pick)
