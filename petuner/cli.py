@@ -1,7 +1,7 @@
-"""The ``petuner`` command: generate, chat, eval and export trained runs; eval-ranks, sweep-report; and
-the data (``data``).
+"""The ``petuner`` command: train, and everything around a run (its data, its configs, what it became).
 
-Training itself is ``python train.py`` (Hydra). Bad input is one line on stderr and exit status 2.
+``petuner train`` is a Hydra application (petuner/train_command.py): its arguments go to Hydra untouched, so it
+is dispatched before argparse reads anything. Bad input is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -111,17 +111,59 @@ def _data(args: argparse.Namespace) -> None:
     from petuner.data.schema import check_max_length
     from petuner.models import context_length, load_tokenizer, model_config
 
-    check_command_line(args.overrides)
-    cfg = compose_config([*args.overrides, "run_dir=."])
+    config_dir = Path(args.config_dir) if args.config_dir else None
+    check_command_line(args.overrides, config_dir)
+    cfg = compose_config([*args.overrides, "run_dir=."], config_dir)
     plan = validate(cfg)
     check_max_length(plan.data, context_length(model_config(cfg.model)))
     tokenizer = load_tokenizer(cfg.model)
     print(describe(build_data(plan.data, tokenizer, cfg.model.task), tokenizer, args.examples))
 
 
+def _init(args: argparse.Namespace) -> None:
+    from petuner.starter import EXPERIMENT, init
+
+    for path in init(Path(args.folder), args.model):
+        print(path)
+    print(f"train it: petuner train --config-dir {args.folder} experiment={EXPERIMENT}", file=sys.stderr)
+
+
+def _ls(args: argparse.Namespace) -> None:
+    from petuner.starter import list_choices
+
+    print(list_choices(Path(args.config_dir) if args.config_dir else None))
+
+
+def _completion(args: argparse.Namespace) -> None:
+    from petuner.completion import bash_script
+
+    print(bash_script(build_parser()._subparsers._group_actions[0].choices), end="")  # every verb, as parsed
+
+
+def _config_args(commands: Any) -> None:
+    """``train`` (listed here for --help; Hydra parses its arguments), ``init`` and ``ls``."""
+    commands.add_parser("train", add_help=False, help="train a run or a -m sweep: petuner train [--config-dir "
+                        "DIR] [Hydra flags] key=value ... (petuner train --help: Hydra's help)")
+    init = commands.add_parser("init", help="write a starter config folder (model, data, experiment) that trains")
+    init.add_argument("folder", nargs="?", default="myconf", help="where to write it (default: myconf)")
+    init.add_argument("--model", default="smollm2_135m", help="the shipped model config to copy (default smollm2_135m)")
+    init.set_defaults(func=_init)
+    listing = commands.add_parser("ls", help="list every config group's choices, shipped and your --config-dir's")
+    listing.add_argument("--config-dir", help="your own config folder, as for petuner train")
+    listing.set_defaults(func=_ls)
+    completion = commands.add_parser("completion", help="print a shell completion script: "
+                                                        "eval \"$(petuner completion bash)\"")
+    completion.add_argument("shell", choices=("bash",))
+    completion.set_defaults(func=_completion)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from petuner import __version__
+
     parser = argparse.ArgumentParser(prog="petuner", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"petuner {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _config_args(commands)
     gen = commands.add_parser("generate", help="answer prompts with a trained run (batched)")
     _loading_args(gen)
     gen.add_argument("--prompt", help="one prompt; the answer is printed")
@@ -161,12 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="show the data a run would train on: counts, lengths, truncation, "
                                             "examples with their labelled tokens marked (same overrides as train.py)")
     data.add_argument("overrides", nargs="*", help="config overrides as for train.py, e.g. data=chat data.path=x.jsonl")
+    data.add_argument("--config-dir", help="your own config folder, as for petuner train")
     data.add_argument("--examples", type=int, default=2, help="how many training examples to decode (default 2)")
     data.set_defaults(func=_data)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from petuner.train_command import main as train
+
+        train(argv[1:])
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
