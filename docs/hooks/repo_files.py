@@ -1,10 +1,10 @@
-"""mkdocs hook: serve the benchmark results that live outside ``docs/`` under the paths the pages use.
+"""mkdocs hook: serve the repository files the pages link to (results, configs, notebooks, scripts).
 
-The pages link to ``../benchmarks/results/<file>`` so that the same link works on GitHub, where
-``docs/`` is just a folder of the repository. mkdocs resolves a page's links against ``docs/``; a
-file registered with the source path ``../benchmarks/results/<file>`` is exactly what such a link names,
-so mkdocs validates it, copies (or renders) it into the site and rewrites the link to where it lands.
-Copying the files into ``docs/`` instead would keep a second copy that drifts from the benchmarks'.
+The pages link to files outside ``docs/`` as ``../benchmarks/results/<file>``, ``../conf/...`` and so on,
+so that the same link works on GitHub, where ``docs/`` is just a folder of the repository. mkdocs resolves
+a page's links against ``docs/``; a file registered with the source path ``../<folder>/<file>`` is exactly
+what such a link names, so mkdocs validates it, copies (or renders) it into the site and rewrites the link
+to where it lands. Copying the files into ``docs/`` instead would keep a second copy that drifts.
 """
 
 from __future__ import annotations
@@ -14,31 +14,38 @@ from pathlib import Path
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.structure.files import File, Files, InclusionLevel
 
-SHARED = ("benchmarks/results",)  # repository folders the pages may link into
-KINDS = {".png", ".md", ".json", ".csv"}
+# repository folder → the kinds of file the pages may link to there (.md: rendered as a page)
+SHARED = {
+    "benchmarks/results": {".png", ".md", ".json", ".csv"},
+    "benchmarks": {".py"},
+    "conf": {".yaml"},
+    "notebooks": {".ipynb"},
+}
 
 
-def _dest(folder: str, path: Path, directory_urls: bool) -> str:
-    """Where a file lands in the site: result tables (.md) render as pages, the rest is copied."""
-    if path.suffix != ".md":
-        return f"{folder}/{path.name}"
-    return f"{folder}/{path.stem}/index.html" if directory_urls else f"{folder}/{path.stem}.html"
+def _dest(uri: str, directory_urls: bool) -> str:
+    """Where a file lands in the site: result tables (.md) render as pages, the rest is copied as is."""
+    if not uri.endswith(".md"):
+        return uri
+    stem = uri.removesuffix(".md")
+    return f"{stem}/index.html" if directory_urls else f"{stem}.html"
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:
-    """Register every result file under ``../<folder>/<name>``, outside the nav."""
-    docs = Path(config.docs_dir)
-    for folder in SHARED:
-        for path in sorted((docs.parent / folder).iterdir()):
-            if path.suffix in KINDS:
-                files.append(
-                    File(
-                        f"../{folder}/{path.name}",
-                        config.docs_dir,
-                        config.site_dir,
-                        config.use_directory_urls,
-                        inclusion=InclusionLevel.NOT_IN_NAV,
-                        dest_uri=_dest(folder, path, config.use_directory_urls),
-                    )
+    """Register each shared file under ``../<its path in the repository>``, outside the nav."""
+    repo = Path(config.docs_dir).parent
+    for folder, kinds in SHARED.items():
+        paths = (repo / folder).rglob("*") if folder == "conf" else (repo / folder).iterdir()
+        for path in sorted(p for p in paths if p.is_file() and p.suffix in kinds):
+            uri = path.relative_to(repo).as_posix()
+            files.append(
+                File(
+                    f"../{uri}",
+                    config.docs_dir,
+                    config.site_dir,
+                    config.use_directory_urls,
+                    inclusion=InclusionLevel.NOT_IN_NAV,
+                    dest_uri=_dest(uri, config.use_directory_urls),
                 )
+            )
     return files
