@@ -1,4 +1,4 @@
-"""mkdocs hook: serve the repository files the pages link to (results, configs, notebooks, scripts).
+"""mkdocs hook: serve the repository files the pages link to (results, configs, notebooks, code).
 
 The pages link to files outside ``docs/`` as ``../benchmarks/results/<file>``, ``../conf/...`` and so on,
 so that the same link works on GitHub, where ``docs/`` is just a folder of the repository. mkdocs resolves
@@ -20,6 +20,8 @@ SHARED = {
     "benchmarks": {".py"},
     "conf": {".yaml"},
     "notebooks": {".ipynb"},
+    "petuner": {".py"},
+    "tests": {".py"},
 }
 
 
@@ -35,8 +37,7 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
     """Register each shared file under ``../<its path in the repository>``, outside the nav."""
     repo = Path(config.docs_dir).parent
     for folder, kinds in SHARED.items():
-        paths = (repo / folder).rglob("*") if folder == "conf" else (repo / folder).iterdir()
-        for path in sorted(p for p in paths if p.is_file() and p.suffix in kinds):
+        for path in sorted(p for p in (repo / folder).rglob("*") if p.is_file() and p.suffix in kinds):
             uri = path.relative_to(repo).as_posix()
             files.append(
                 File(
