@@ -90,6 +90,11 @@ def test_user_groups_add_to_the_shipped_ones_and_override_them(tmp_path) -> None
     assert compose_config(["model=tiny_llama", "run_dir=."], tmp_path).model.init_seed == 5
     assert compose_config(["model=mine", "run_dir=."], tmp_path).model.init_seed == 9
     assert compose_config(["model=tiny_llama", "run_dir=."]).model.init_seed == 0  # without it: the shipped file
+    # a primary config of the user's own (--config-name) extends the shipped one
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - petuner\n  - override model: mine\n  - _self_\n"
+                                        "trainer:\n  max_steps: 7\n")
+    cfg = compose_config(["run_dir=."], tmp_path, "mine")
+    assert (cfg.model.init_seed, cfg.trainer.max_steps, cfg.adapter.name) == (9, 7, "lora")
 
 
 def test_a_missing_asset_package_falls_back_to_the_hub_or_says_what_to_install(monkeypatch) -> None:
