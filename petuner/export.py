@@ -28,6 +28,7 @@ from petuner.adapters.capabilities import PeftNative, QuantizedBase, RankDynamic
 from petuner.adapters.peft_form import lora_config, lora_state_dict, lora_views
 from petuner.choices import EXPORT_FORMATS, GGUF_DTYPES
 from petuner.errors import PetunerError
+from petuner.extras import require
 from petuner.io import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, atomic_dir, atomic_file, save_tensors
 from petuner.manifest import write_manifest
 from petuner.models import load_model
@@ -116,6 +117,8 @@ def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = Fals
     ``checkpoint`` (best, last, step-N) picks the weights, ``dtype`` the GGUF tensor type."""
     if fmt not in EXPORT_FORMATS:
         raise PetunerError(f"--format {fmt!r}: allowed: {', '.join(EXPORT_FORMATS)}")
+    if fmt == "gguf":
+        require("GGUF export")
     if dtype is not None and (fmt != "gguf" or dtype not in GGUF_DTYPES):
         raise PetunerError(f"--dtype {dtype}: only for --format gguf, one of {', '.join(GGUF_DTYPES)}")
     out = Path(out)

@@ -13,6 +13,7 @@ from typing import Any
 from petuner.adapters.capabilities import RankDynamic
 from petuner.data import build_data
 from petuner.errors import PetunerError
+from petuner.extras import require
 from petuner.io import atomic_file, atomic_write_json, atomic_write_text
 from petuner.report import markdown_table
 from petuner.run_folder import load
@@ -21,6 +22,7 @@ from petuner.train.loop import evaluate
 
 
 def eval_ranks(run_dir: Path | str, out: Path | str | None = None) -> list[dict[str, Any]]:
+    require("plots")
     run = load(run_dir)
     if not isinstance(run.method, RankDynamic):
         raise PetunerError(f"adapter={run.cfg.adapter.name} has a fixed rank; eval-ranks needs a rank-dynamic "

@@ -22,7 +22,7 @@ allowed, give the field its check with one of the helpers here::
     scaling: str = choice("standard", ("standard", "rslora"))
     resume: bool = flag(False)
 
-then its value in the YAML(s) and a row in the README's config table. OmegaConf refuses a key the
+then its value in the YAML(s) and a row in the config table (docs/usage.md). OmegaConf refuses a key the
 schema lacks and a value of the wrong type when the config is composed; ``one_line`` turns its
 error into one ``ConfigError`` line (the field's own check message where it has one), and
 ``conform`` runs every field's check on a composed (or hand-built) group.

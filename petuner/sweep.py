@@ -26,6 +26,7 @@ from omegaconf import DictConfig, open_dict
 
 from petuner.choices import DIRECTIONS
 from petuner.errors import PetunerError
+from petuner.extras import require
 from petuner.io import atomic_file, atomic_write_json, atomic_write_text
 from petuner.report import markdown_table
 
@@ -106,6 +107,7 @@ def best_job(rows: list[dict[str, Any]], objective: str) -> dict[str, Any] | Non
 
 def sweep_report(sweep_dir: Path | str, objective: str | None = None, out: Path | str | None = None) -> Path:
     """Write sweep_report.{md,csv} and one PNG per swept key into ``out`` (default: the sweep folder)."""
+    require("plots")
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise PetunerError(f"{sweep_dir} is not a folder")

@@ -61,3 +61,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message) -> None:
     done = sh([sys.executable, str(ROOT / "train.py"), *args, f"run_dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == message
+
+
+def test_bash_completion_completes_verbs_and_hydra_groups(tmp_path) -> None:
+    script = sh([*PETUNER, "completion", "bash"], cwd=tmp_path).stdout
+    probe = '_petuner; echo "${COMPREPLY[@]}"'
+    lines = [f'COMP_LINE="petuner train adapter=d"; COMP_WORDS=(petuner train adapter=d); COMP_CWORD=2; {probe}',
+             f'COMP_LINE="petuner e"; COMP_WORDS=(petuner e); COMP_CWORD=1; {probe}']
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # `petuner` as the venv installs it
+    done = subprocess.run(["bash", "-c", "\n".join([script, *lines])], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "PATH": path})
+    assert done.stdout.splitlines() == ["adapter=dylora", "eval eval-ranks export"], done.stderr[-2000:]

@@ -13,7 +13,7 @@ from petuner.gguf_export import permute_rotary
 
 IDS = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
 # Largest |logit difference| / max |logit| allowed against the merged export. f32 is exact up to float
-# rounding; f16 and q8_0 were measured on this run at 4.6e-4 and 1.2e-2 (README: SmolLM2-135M figures).
+# rounding; f16 and q8_0 were measured on this run at 4.6e-4 and 1.2e-2 (docs/after-training.md: SmolLM2-135M figures).
 TOLERANCE = {"f32": None, "f16": 1e-3, "q8_0": 3e-2}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from petuner.config import command_line_overrides
+from petuner.config import read_command_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["-m", "adapter=lora,sora", "--config-name", "config"], ["adapter=lora,sora"]),
 ])
 def test_command_line_overrides_skip_hydra_flags_and_their_values(argv, overrides) -> None:
-    assert command_line_overrides(argv) == overrides
+    assert read_command_line(argv).overrides == overrides
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def test_a_key_added_to_a_schema_appears_in_the_form(monkeypatch: pytest.MonkeyP
     form._fields.cache_clear()
     with monkeypatch.context() as patch:
         patch.setattr(config, "schemas", with_probe)
-        fields = {f.path: f for f in form.form_fields(CHOICES, config.CONF_DIR)}
+        fields = {f.path: f for f in form.form_fields(CHOICES, None)}
         probe = fields["trainer.probe_key"]
         assert (probe.type, probe.default, probe.value, probe.help) == ("int", "3", "3", "a key only this test adds")
         with gr.Blocks():
@@ -54,7 +54,7 @@ def test_a_key_added_to_a_schema_appears_in_the_form(monkeypatch: pytest.MonkeyP
         spec = form.spec_from(CHOICES, 1, [probe], ["0"])
         assert spec.overrides()[-1] == "trainer.probe_key=0"
     form._fields.cache_clear()
-    assert "trainer.probe_key" not in {f.path for f in form.form_fields(CHOICES, config.CONF_DIR)}
+    assert "trainer.probe_key" not in {f.path for f in form.form_fields(CHOICES, None)}
     assert fields["trainer.batch_size"].help.startswith("examples per micro-batch")  # the YAML's comment
     assert fields["adapter.scaling"].allowed == ("standard", "rslora")
 
@@ -62,10 +62,10 @@ def test_a_key_added_to_a_schema_appears_in_the_form(monkeypatch: pytest.MonkeyP
 def test_a_bad_value_is_the_command_lines_line_beside_its_field_and_starts_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # Planted bug this failed on: _launch starting the process before the check (the start below raised).
-    fields = form.form_fields(CHOICES, config.CONF_DIR)
+    fields = form.form_fields(CHOICES, None)
     values = ["0" if f.path == "trainer.max_steps" else f.value for f in fields]
     monkeypatch.setattr(launcher, "start", lambda *a, **k: pytest.fail("a bad value started a run"))
-    out = app._launch(CHOICES, fields, 1, tuple(values), tmp_path / "store", config.CONF_DIR)
+    out = app._launch(CHOICES, fields, 1, tuple(values), tmp_path / "store", None)
     assert main(["data", *RunSpec(CHOICES, {"trainer.max_steps": "0"}).overrides()]) == 2
     cli_line = capsys.readouterr().err.strip()
     assert out[0] == f"**{cli_line}**" and cli_line.startswith("error: trainer.max_steps=0")

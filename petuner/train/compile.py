@@ -3,8 +3,9 @@
 Per layer, as torchtune and torchtitan compile: the decoder layers are identical code, so dynamo builds
 one graph that every layer reuses with its own weights, and the output path (labelled logits, the chunked
 loss, their hooks) stays eager. Against the whole model, compilation is several times shorter and steps
-no slower (README, "Switches": measured on SmolLM2). Compiling in place (``nn.Module.compile``) keeps the module tree,
-parameter names and hooks, so checkpoints, adapter state dicts and exports are those of the eager model.
+no slower (docs/performance.md, "Switches": measured on SmolLM2). Compiling in place
+(``nn.Module.compile``) keeps the module tree, parameter names and hooks, so checkpoints, adapter state
+dicts and exports are those of the eager model.
 """
 
 from __future__ import annotations

@@ -21,10 +21,11 @@ def add_parser(commands: Any) -> None:
     ui.add_argument("--port", type=int, default=7860)
     ui.add_argument("--auth", help=f"USER:PASSWORD the page asks for (or ${AUTH_ENV}); required off loopback")
     ui.add_argument("--store", default="adapters", help="the run store: where runs are written and found")
+    ui.add_argument("--config-dir", help="your own config folder, as for petuner train (its choices join the menus)")
     ui.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> None:
     from petuner.ui.serve import serve
 
-    serve(args.host, args.port, args.auth, args.store)
+    serve(args.host, args.port, args.auth, args.store, args.config_dir)

@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from petuner.config import CONF_DIR, GROUPS
+from petuner.config import GROUPS
 from petuner.errors import PetunerError
 from petuner.ui import launcher
 from petuner.ui.compose import MULTI, RunSpec, composed, default_choices, menus
@@ -23,14 +23,15 @@ from petuner.ui.tabs import Shared, chat_tab, compare_tab, export_tab, run_names
 EXAMPLES_SHOWN = 2
 
 
-def build_app(store: Path, conf_dir: Path = CONF_DIR) -> gr.Blocks:
-    """The whole page over the run store ``store`` (``adapters/``, re-scanned on every refresh)."""
+def build_app(store: Path, config_dir: Path | None = None) -> gr.Blocks:
+    """The whole page over the run store ``store`` (``adapters/``, re-scanned on every refresh), with the user's
+    own config groups in ``config_dir`` beside the shipped ones (as ``petuner train --config-dir``)."""
     later: dict[str, Any] = {}  # components the compose form's Launch updates, made after it
     with gr.Blocks(title="petuner") as app:
         gr.Markdown("# petuner")
         with gr.Tabs() as tabs:
             with gr.Tab("Compose", id="compose"):
-                _compose_tab(store, conf_dir, later)
+                _compose_tab(store, config_dir, later)
             shared = Shared(store=store, tabs=tabs)
             with gr.Tab("Watch", id="watch"):
                 later.update(watch=watch_tab(shared), tabs=tabs)
@@ -45,8 +46,8 @@ def build_app(store: Path, conf_dir: Path = CONF_DIR) -> gr.Blocks:
     return app
 
 
-def _compose_tab(store: Path, conf_dir: Path, later: dict[str, Any]) -> None:
-    menus_row, processes = _menus(conf_dir)
+def _compose_tab(store: Path, config_dir: Path | None, later: dict[str, Any]) -> None:
+    menus_row, processes = _menus(config_dir)
     with gr.Row():
         check_btn = gr.Button("Check and show the command", elem_id="check")
         launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
@@ -64,19 +65,19 @@ def _compose_tab(store: Path, conf_dir: Path, later: dict[str, Any]) -> None:
     @gr.render(inputs=[*menus_row])
     def form(*chosen: Any) -> None:
         choices = choices_of(chosen)
-        fields = form_fields(choices, conf_dir)
+        fields = form_fields(choices, config_dir)
         widgets = _widgets(fields, "|".join(f"{g}={choices[g]}" for g in GROUPS))
         inputs, outputs = [processes, *widgets], [error, command, config, *widgets]
-        check_btn.click(lambda p, *v: _check(choices, fields, p, v, conf_dir), inputs, outputs)
-        launch_btn.click(lambda p, *v: _launch(choices, fields, p, v, store, conf_dir), inputs,
+        check_btn.click(lambda p, *v: _check(choices, fields, p, v, config_dir), inputs, outputs)
+        launch_btn.click(lambda p, *v: _launch(choices, fields, p, v, store, config_dir), inputs,
                          [*outputs, later["watch"], later["tabs"]])
-        preview_btn.click(lambda path, p, *v: _preview(spec_from(choices, p, fields, v), path),
+        preview_btn.click(lambda path, p, *v: _preview(spec_from(choices, p, fields, v), path, config_dir),
                           [data_file, *inputs], [summary, *examples])
 
 
-def _menus(conf_dir: Path) -> tuple[list[gr.Dropdown], gr.Number]:
+def _menus(config_dir: Path | None) -> tuple[list[gr.Dropdown], gr.Number]:
     """One menu per group (the shipped YAMLs and the user's own), the logger's taking several."""
-    picked, offered = default_choices(conf_dir), menus(conf_dir)
+    picked, offered = default_choices(config_dir), menus(config_dir)
     picked["logger"] = ["none"] if "none" in offered["logger"] else []
     dropdowns = []
     with gr.Row():
@@ -104,37 +105,37 @@ def _outcome(fields: list[Field], message: str = "", command: str = "", config: 
 
 
 def _check(choices: dict[str, Any], fields: list[Field], processes: Any, values: tuple[Any, ...],
-           conf_dir: Path) -> list[Any]:
+           config_dir: Path | None) -> list[Any]:
     spec = spec_from(choices, processes, fields, values)
     try:
-        cfg = composed(spec, conf_dir)
+        cfg = composed(spec, config_dir)
     except PetunerError as err:
         return _outcome(fields, f"error: {err}")
     from omegaconf import OmegaConf
 
-    argv = launcher.train_command(spec.overrides(), spec.processes)
+    argv = launcher.train_command(spec.overrides(), spec.processes, config_dir)
     return _outcome(fields, "", launcher.shown_command(argv), OmegaConf.to_yaml(cfg))
 
 
 def _launch(choices: dict[str, Any], fields: list[Field], processes: Any, values: tuple[Any, ...], store: Path,
-            conf_dir: Path) -> list[Any]:
+            config_dir: Path | None) -> list[Any]:
     """Check as the command line would, then start the run detached; a bad value starts nothing."""
-    checked = _check(choices, fields, processes, values, conf_dir)
+    checked = _check(choices, fields, processes, values, config_dir)
     if checked[0]:
         return [*checked, gr.update(), gr.update()]
     spec = spec_from(choices, processes, fields, values)
     run_dir = launcher.new_run_dir(store, choices)
-    argv = launcher.start(run_dir, spec.overrides(), spec.processes)
+    argv = launcher.start(run_dir, spec.overrides(), spec.processes, config_dir)
     checked[1] = launcher.shown_command(argv)
     return [*checked, gr.update(choices=run_names(store), value=run_dir.name), gr.Tabs(selected="watch")]
 
 
-def _preview(spec: RunSpec, path: str) -> list[Any]:
+def _preview(spec: RunSpec, path: str, config_dir: Path | None) -> list[Any]:
     if path and path.strip():
         spec.changed["data.path"] = path.strip()
     overrides = spec.overrides()
     try:
-        data, tokenizer = prepared_data(overrides)
+        data, tokenizer = prepared_data(overrides, config_dir)
     except PetunerError as err:
         return [f"error: {err}", *([None] * EXAMPLES_SHOWN)]
     summary, shown = highlighted(data, tokenizer, EXAMPLES_SHOWN)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from petuner.config import CONF_DIR, GROUPS, check_command_line, compose_config, group_choices, validate
+from petuner.config import GROUPS, check_command_line, compose_config, group_choices, search_dirs, validate
 
 TOP_LEVEL = ("objective", "export")  # run keys outside the groups (conf/config.yaml)
 MULTI = ("logger",)  # groups of which several choices compose at once (logger=[tensorboard,csv])
@@ -39,29 +39,32 @@ class RunSpec:
         return [*self.choice_overrides(), *(f"{key}={text}" for key, text in self.changed.items())]
 
 
-def menus(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
+def menus(config_dir: Path | None = None) -> dict[str, list[str]]:
     """Each group's choices: the YAMLs shipped in (or added to) the config directory."""
-    return {group: group_choices(group, conf_dir) for group in GROUPS}
+    return {group: group_choices(group, config_dir) for group in GROUPS}
 
 
-def default_choices(conf_dir: Path = CONF_DIR) -> dict[str, str | list[str]]:
-    """The choices ``python train.py`` makes with no override (conf/config.yaml's defaults list)."""
+def default_choices(config_dir: Path | None = None) -> dict[str, str | list[str]]:
+    """The choices ``petuner train`` makes with no override: the defaults lists of the primary configs (the
+    shipped ``config.yaml``, then the user's, which may change some)."""
     import yaml
 
-    defaults = yaml.safe_load((conf_dir / "config.yaml").read_text()).get("defaults", [])
     picked: dict[str, str | list[str]] = {}
-    for entry in defaults:
-        for group, choice in (entry.items() if isinstance(entry, dict) else ()):
-            if group in GROUPS and choice is not None:
-                picked[group] = [str(choice)] if group in MULTI else str(choice)
+    for folder in reversed(search_dirs(config_dir)):
+        path = folder / "config.yaml"
+        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", []) if path.is_file() else []
+        for entry in defaults:
+            for group, choice in (entry.items() if isinstance(entry, dict) else ()):
+                if group in GROUPS and choice is not None:
+                    picked[group] = [str(choice)] if group in MULTI else str(choice)
     return picked
 
 
-def composed(spec: RunSpec, conf_dir: Path = CONF_DIR) -> DictConfig:
+def composed(spec: RunSpec, config_dir: Path | None = None) -> DictConfig:
     """The config the command would run, checked as ``train.py`` checks it (one ConfigError line if not)."""
     overrides = spec.overrides()
-    check_command_line(overrides, conf_dir)
-    cfg = compose_config([*overrides, "run_dir=."], conf_dir)
+    check_command_line(overrides, config_dir)
+    cfg = compose_config([*overrides, "run_dir=."], config_dir)
     validate(cfg)
     return cfg
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from petuner.config import GROUPS, group_schema
+from petuner.config import CONF_DIR, GROUPS, group_schema, search_dirs
 from petuner.schema import ALLOWED
 
 YAML_COMMENT = re.compile(r"^(\w+):[^#]*#\s*(.+)$")  # key: value  # its help
@@ -113,12 +113,18 @@ def yaml_comments(path: Path) -> dict[str, str]:
     return comments
 
 
-def top_fields(cfg: DictConfig, conf_dir: Path) -> list[Field]:
+def config_file(config_dir: Path | None, name: str) -> Path:
+    """Where a config file is read from: the user's folder first, then the shipped groups (as Hydra looks)."""
+    found = [folder / name for folder in search_dirs(config_dir) if (folder / name).is_file()]
+    return found[0] if found else CONF_DIR / name
+
+
+def top_fields(cfg: DictConfig, config_dir: Path | None) -> list[Field]:
     """The run's keys outside the groups (objective, export), with conf/config.yaml's comments."""
     from petuner.choices import DIRECTIONS
     from petuner.config import EXPORTS
 
-    help_text = yaml_comments(conf_dir / "config.yaml")
+    help_text = {**yaml_comments(CONF_DIR / "config.yaml"), **yaml_comments(config_file(config_dir, "config.yaml"))}
     return [Field(group="", key=key, type="str | None" if None in allowed else "str", default=override_text(cfg[key]),
                   value=override_text(cfg[key]), help=help_text.get(key, ""),
                   allowed=tuple(override_text(a) for a in allowed))
@@ -156,13 +162,13 @@ def _nested_schema(schema: type, name: str) -> type | None:
     return None
 
 
-def run_fields(cfg: DictConfig, choices: dict[str, str], conf_dir: Path) -> dict[str, list[Field]]:
+def run_fields(cfg: DictConfig, choices: dict[str, str], config_dir: Path | None) -> dict[str, list[Field]]:
     """Group → its fields, for a composed run config and the group choices that composed it."""
     out = {}
     for group in GROUPS:
         schema = group_schema(cfg, group)
         choice = str(choices.get(group, "")).split(",")[0].strip("[]")
-        out[group] = schema_fields(schema, cfg[group], group, yaml_help=yaml_comments(conf_dir / group /
-                                                                                     f"{choice}.yaml"))
+        out[group] = schema_fields(schema, cfg[group], group,
+                                   yaml_help=yaml_comments(config_file(config_dir, f"{group}/{choice}.yaml")))
     return out
 

@@ -48,18 +48,18 @@ def choices_of(values: Sequence[Any]) -> dict[str, str | list[str]]:
 
 
 @functools.lru_cache(maxsize=32)
-def _fields(key: tuple[tuple[str, str], ...], conf_dir: Path) -> list[Field]:
+def _fields(key: tuple[tuple[str, str], ...], config_dir: Path | None) -> list[Field]:
     choices = dict(key)
     spec = RunSpec({g: ([x for x in c.split(",") if x] if g in MULTI else c) for g, c in choices.items()})
-    cfg = compose_config([*spec.choice_overrides(), "run_dir=."], conf_dir)
-    grouped = run_fields(cfg, choices, conf_dir)
-    return [*top_fields(cfg, conf_dir), *(f for group in GROUPS for f in grouped[group])]
+    cfg = compose_config([*spec.choice_overrides(), "run_dir=."], config_dir)
+    grouped = run_fields(cfg, choices, config_dir)
+    return [*top_fields(cfg, config_dir), *(f for group in GROUPS for f in grouped[group])]
 
 
-def form_fields(choices: dict[str, str | list[str]], conf_dir: Path) -> list[Field]:
+def form_fields(choices: dict[str, str | list[str]], config_dir: Path | None) -> list[Field]:
     """Every field of the chosen groups (composed once per set of choices)."""
     key = tuple((g, ",".join(c) if isinstance(c, list) else c) for g, c in choices.items())
-    return _fields(key, conf_dir)
+    return _fields(key, config_dir)
 
 
 def spec_from(choices: dict[str, str | list[str]], processes: Any, fields: Sequence[Field],

@@ -24,27 +24,24 @@ from petuner.io import atomic_write_json
 LAUNCH_FILE = "launch.json"  # argv, pid, process group, start time of the run's latest process
 CONSOLE_FILE = "console.log"  # the process's stdout and stderr
 _children: dict[int, subprocess.Popen[bytes]] = {}  # this server's own launches, reaped when they end
-TRAIN_SCRIPT = str(Path(__file__).resolve().parents[2] / "train.py")
 
 
-def train_command(overrides: Sequence[str], processes: int = 1) -> list[str]:
-    """The argv of one run: train.py with these overrides, under torchrun for several processes."""
+def train_command(overrides: Sequence[str], processes: int = 1, config_dir: Path | None = None) -> list[str]:
+    """The argv of one run: ``petuner train`` with these overrides, under torchrun for several processes."""
+    train = ["-m", "petuner", "train", *(["--config-dir", str(config_dir)] if config_dir else []), *overrides]
     if processes > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                TRAIN_SCRIPT, *overrides]
-    return [sys.executable, TRAIN_SCRIPT, *overrides]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *train]
+    return [sys.executable, *train]
 
 
 def shown_command(argv: Sequence[str]) -> str:
-    """``argv`` as a user types it: ``python train.py ...`` / ``torchrun ...``."""
+    """``argv`` as a user types it: ``petuner train ...`` / ``torchrun ... -m petuner train ...``."""
     import shlex
 
     words = list(argv)
     if words[1:3] == ["-m", "torch.distributed.run"]:
-        words = ["torchrun", *words[3:]]
-    elif words and words[0] == sys.executable:
-        words[0] = "python"
-    return shlex.join(os.path.relpath(w) if w == TRAIN_SCRIPT else w for w in words)
+        return shlex.join(["torchrun", *words[3:]])
+    return shlex.join(["petuner", *words[3:]] if words[1:3] == ["-m", "petuner"] else words)
 
 
 def new_run_dir(store: Path, choices: dict[str, object]) -> Path:
@@ -56,14 +53,15 @@ def new_run_dir(store: Path, choices: dict[str, object]) -> Path:
     return path
 
 
-def start(run_dir: Path, overrides: Sequence[str], processes: int = 1) -> list[str]:
+def start(run_dir: Path, overrides: Sequence[str], processes: int = 1, config_dir: Path | None = None) -> list[str]:
     """Launch a run writing ``run_dir`` (Hydra's output folder); returns its argv."""
-    argv = train_command([*overrides, f"hydra.run.dir={run_dir}"], processes)
+    argv = train_command([*overrides, f"hydra.run.dir={run_dir}"], processes, config_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / CONSOLE_FILE, "ab") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, cwd=os.getcwd())
     atomic_write_json(run_dir / LAUNCH_FILE, {"argv": argv, "overrides": list(overrides), "processes": processes,
+                                              "config_dir": str(config_dir) if config_dir else None,
                                               "pid": process.pid, "started": time.time()})
     _children[process.pid] = process
     return argv
@@ -102,10 +100,12 @@ def resume(run_dir: Path) -> list[str]:
     launch = read_launch(run_dir)
     if launch is None:
         raise PetunerError(f"{run_dir} was not launched from the page (no {LAUNCH_FILE}): resume it with "
-                           f"python train.py ... trainer.resume=true hydra.run.dir={run_dir}")
+                           f"petuner train ... trainer.resume=true hydra.run.dir={run_dir}")
     if is_running(run_dir):
         raise PetunerError(f"{run_dir} is still running")
     if not (run_dir / "checkpoints").is_dir():
         raise PetunerError(f"{run_dir} has no checkpoint to resume from")
     overrides = [o for o in launch["overrides"] if not o.startswith("trainer.resume=")]  # type: ignore[attr-defined]
-    return start(run_dir, [*overrides, "trainer.resume=true"], int(launch["processes"]))  # type: ignore[call-overload]
+    config_dir = Path(str(launch["config_dir"])) if launch.get("config_dir") else None
+    return start(run_dir, [*overrides, "trainer.resume=true"], int(launch["processes"]),  # type: ignore[call-overload]
+                 config_dir)

@@ -6,20 +6,22 @@ Shared by ``petuner data`` (printed) and the web page (the labelled spans highli
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from petuner.data.report import labelled_spans, show_example, summary_lines
 
 
-def prepared_data(overrides: Sequence[str]) -> tuple[Any, Any]:
-    """(data bundle, tokenizer) for these overrides; one ConfigError line for a bad value, before any reading."""
+def prepared_data(overrides: Sequence[str], config_dir: Path | None = None) -> tuple[Any, Any]:
+    """(data bundle, tokenizer) for these overrides (and the user's ``--config-dir``); one ConfigError line for
+    a bad value, before any reading."""
     from petuner.config import check_command_line, compose_config, validate
     from petuner.data import build_data
     from petuner.data.schema import check_max_length
     from petuner.models import context_length, load_tokenizer, model_config
 
-    check_command_line(overrides)
-    cfg = compose_config([*overrides, "run_dir=."])
+    check_command_line(overrides, config_dir)
+    cfg = compose_config([*overrides, "run_dir=."], config_dir)
     plan = validate(cfg)
     check_max_length(plan.data, context_length(model_config(cfg.model)))
     tokenizer = load_tokenizer(cfg.model)

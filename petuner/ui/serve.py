@@ -43,17 +43,19 @@ def check_binding(host: str, auth: tuple[str, str] | None) -> None:
                            "give --auth USER:PASSWORD (or PETUNER_UI_AUTH), or keep the default --host 127.0.0.1")
 
 
-def serve(host: str, port: int, auth_text: str | None, store: str) -> None:
-    """Check the binding, then build and serve the page (blocks until interrupted)."""
+def serve(host: str, port: int, auth_text: str | None, store: str, config_dir: str | None = None) -> None:
+    """Check the binding and the packages, then build and serve the page (blocks until interrupted)."""
+    from petuner.extras import require
+
     auth = parse_auth(auth_text)
     check_binding(host, auth)
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise PetunerError("petuner ui needs Gradio: pip install 'petuner[ui]'") from None
+    if config_dir is not None and not Path(config_dir).is_dir():
+        raise PetunerError(f"--config-dir {config_dir}: no such folder")
+    require("web page")
+    require("plots")  # the curves
     from petuner.ui.app import build_app
 
     root = Path(store).resolve()
-    app = build_app(root)
+    app = build_app(root, Path(config_dir).resolve() if config_dir else None)
     app.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, auth=auth,
                                                   allowed_paths=[str(root)], footer_links=[], quiet=False)
