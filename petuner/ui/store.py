@@ -137,17 +137,31 @@ def summary(run_dir: Path) -> dict[str, Any]:
     """One row of the compare table."""
     cfg, info = run_config(run_dir), read_json(run_dir / RUN_FILE)
     results = info.get("results", {})
-    now = state(run_dir)
     objective = str(cfg.get("objective") or "eval/loss")
-    before, after = results.get(f"{objective}_before"), results.get(f"{objective}_after")
     peak = next((v for k, v in results.items() if k.startswith("memory/peak")), None)
-    seconds = read_json(run_dir / STATUS_FILE).get("seconds")
-    return {"run": run_dir.name, "status": now.status,
-            "model": (cfg.get("model") or {}).get("name_or_path") or _choice(run_dir, "model"),
+    now = state(run_dir)
+    return {"run": run_dir.name, "status": now.status, "model": model_name(run_dir, cfg),
             "adapter": (cfg.get("adapter") or {}).get("name", ""), "steps": info.get("steps", now.step),
-            "metric": objective, "before": _round(before), "after": _round(after),
+            "metric": objective, "before": _round(before(run_dir, objective, results)),
+            "after": _round(results.get(f"{objective}_after")),
             "trainable_parameters": info.get("trainable_parameters"),
-            "seconds": _round(seconds, 1), "peak_memory_MiB": _round(peak / 2**20 if peak else None, 1)}
+            "seconds": _round(read_json(run_dir / STATUS_FILE).get("seconds"), 1),
+            "peak_memory_MiB": _round(peak / 2**20 if peak else None, 1)}
+
+
+def before(run_dir: Path, objective: str, results: dict[str, Any]) -> Any:
+    """The held-out metric before training: run.json's, or (a resumed run has none) the step-0 evaluation."""
+    if f"{objective}_before" in results:
+        return results[f"{objective}_before"]
+    return next((r[objective] for r in metrics(run_dir) if r.get("step") == 0 and objective in r), None)
+
+
+def model_name(run_dir: Path, cfg: dict[str, Any]) -> str:
+    """The base model's source, else its config choice as Hydra recorded it, else a random model's type."""
+    model = cfg.get("model") or {}
+    random_type = (model.get("random_init") or {}).get("model_type")
+    return str(model.get("name_or_path") or _choice(run_dir, "model") or (f"random {random_type}" if random_type
+                                                                          else ""))
 
 
 def _choice(run_dir: Path, group: str) -> str:
