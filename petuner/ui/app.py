@@ -32,7 +32,7 @@ def build_app(store: Path, config_dir: Path | None = None) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Compose", id="compose"):
                 _compose_tab(store, config_dir, later)
-            shared = Shared(store=store, tabs=tabs)
+            shared = Shared(store=store)
             with gr.Tab("Watch", id="watch"):
                 later.update(watch=watch_tab(shared), tabs=tabs)
             with gr.Tab("Compare", id="compare"):

@@ -22,8 +22,9 @@ PROGRESS = gr.Progress()  # Gradio fills a handler's progress argument when its 
 
 @dataclass
 class Shared:
+    """What the tabs share: the store, and the menus to fill as a page opens."""
+
     store: Path
-    tabs: gr.Tabs
     on_load: list[tuple[Any, Any]] = field(default_factory=list)  # (function, output): run when a page opens
 
     def run(self, name: str | None) -> Path:
