@@ -168,7 +168,7 @@ def compose(page: object, store: Path) -> None:
     page.click("#launch")
     wait_text(page, "compose-error", re.escape(f"error: {expected.value}"))
     assert f"error: {expected.value}" in text(page, "field-trainer-max_steps")  # beside the field
-    assert not store.exists() or not any(store.iterdir())  # nothing started
+    assert [p.name for p in store.iterdir()] == ["sweeps"]  # nothing started
     shot(page, "1-bad-value")
     shot(page, "1-bad-value-field", "field-trainer-max_steps")
     fill(page, "trainer.max_steps", STEPS)
@@ -204,7 +204,7 @@ def launch_watch_abort(page: object, store: Path) -> Path:
     page.click("#abort")
     wait_text(page, "progress", r"aborted[\s\S]*error: stopped by SIGTERM after step \d+")
     shot(page, "5-aborted")
-    (run_dir,) = [d for d in store.iterdir() if d.is_dir()]
+    (run_dir,) = [d for d in store.iterdir() if d.name != "sweeps"]
     step = re.search(r"after step (\d+)", text(page, "progress")).group(1)
     petuner.load(run_dir, checkpoint=f"step-{step}")  # the last checkpoint loads
     return run_dir
@@ -232,14 +232,30 @@ def same_weights_as_unattended(run_dir: Path, store: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def sweep_folder(store: Path) -> None:
+    """A finished two-job sweep's folders (what ``petuner train -m adapter.r=4,8`` leaves), for the report."""
+    for job, (r, loss) in enumerate([(4, 2.5), (8, 2.25)]):
+        folder = store / "sweeps" / "2026-01-01_00-00-00" / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(f"- adapter.r={r}\n")
+        (folder / "status.json").write_text(json.dumps({"status": "ok", "seconds": 10.0}))
+        (folder / "run.json").write_text(json.dumps({"results": {"eval/loss_after": loss}, "trainable_parameters": r}))
+
+
 def compare_chat_export(page: object, run_dir: Path) -> None:
     tab(page, "Compare")
     page.click("#compare-refresh")
     wait_text(page, "runs-table", rf"{run_dir.name}[\s\S]*unattended|unattended[\s\S]*{run_dir.name}")
     for name in (run_dir.name, "unattended"):
         choose(page, "overlay-runs", name)
+    page.keyboard.press("Escape")
     page.wait_for_selector("#overlay img, #overlay svg")
     shot(page, "7-compare")
+    page.get_by_text("A sweep's report").first.click()
+    choose(page, "sweep", "2026-01-01_00-00-00")
+    wait_text(page, "sweep-table", r"adapter\.r[\s\S]*2\.25")
+    page.wait_for_selector("#sweep-plots img")
+    shot(page, "7-sweep")
     tab(page, "Chat")
     page.click("#chat-refresh")
     choose(page, "chat-run", run_dir.name)
@@ -259,6 +275,7 @@ def compare_chat_export(page: object, run_dir: Path) -> None:
 
 def test_the_whole_workflow_in_a_browser(browser: object, tmp_path: Path) -> None:
     store = tmp_path / "adapters"
+    sweep_folder(store)
     server = Server(tmp_path, store)
     server.start()
     try:

@@ -92,9 +92,10 @@ def compare_tab(shared: Shared) -> None:
     chosen = gr.Dropdown(run_names(shared.store), multiselect=True, label="runs to overlay", elem_id="overlay-runs")
     overlaid = gr.Plot(label="curves by run", elem_id="overlay")
     with gr.Accordion("A sweep's report (petuner sweep-report)", open=False):
-        sweep = gr.Dropdown([p.name for p in runs.sweep_dirs(shared.store)], label="sweep", elem_id="sweep")
+        sweep = gr.Dropdown([], value=None, label="sweep", elem_id="sweep")
         sweep_table = gr.Dataframe(interactive=False, elem_id="sweep-table")
-        sweep_plots = gr.Gallery(label="plots", columns=3, elem_id="sweep-plots")
+        sweep_plots = gr.Gallery(label="plots", columns=3, fit_columns=False, object_fit="contain", preview=False,
+                                 elem_id="sweep-plots")
 
     def table_rows() -> list[Any]:
         rows = pd.DataFrame([runs.summary(d) for d in runs.run_dirs(shared.store)])
@@ -111,10 +112,13 @@ def compare_tab(shared: Shared) -> None:
             return [None, None]
         folder = shared.store / runs.SWEEPS / Path(name).name
         sweep_report(folder)
-        return [pd.read_csv(folder / "sweep_report.csv"), sorted(str(p) for p in folder.glob("*.png"))]
+        table = pd.read_csv(folder / "sweep_report.csv", keep_default_na=False)  # an empty error stays empty
+        return [table, sorted(str(p) for p in folder.glob("*.png"))]
 
     refresh_btn.click(table_rows, None, [table, chosen])
     shared.on_load.append((table_rows, [table, chosen]))
+    shared.on_load.append((lambda: gr.update(choices=[p.name for p in runs.sweep_dirs(shared.store)], value=None),
+                           sweep))
     chosen.change(overlay, chosen, overlaid)
     sweep.change(report, sweep, [sweep_table, sweep_plots])
 
