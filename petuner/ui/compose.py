@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from petuner.config import GROUPS, check_command_line, compose_config, group_choices, search_dirs, validate
+from petuner.errors import ConfigError
 
 TOP_LEVEL = ("objective", "export")  # run keys outside the groups (conf/config.yaml)
 MULTI = ("logger",)  # groups of which several choices compose at once (logger=[tensorboard,csv])
@@ -62,6 +63,8 @@ def default_choices(config_dir: Path | None = None) -> dict[str, str | list[str]
 
 def composed(spec: RunSpec, config_dir: Path | None = None) -> DictConfig:
     """The config the command would run, checked as ``train.py`` checks it (one ConfigError line if not)."""
+    if spec.processes < 1:
+        raise ConfigError(f"processes={spec.processes}: must be >= 1 (above 1, the run starts under torchrun)")
     overrides = spec.overrides()
     check_command_line(overrides, config_dir)
     cfg = compose_config([*overrides, "run_dir=."], config_dir)

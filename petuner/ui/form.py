@@ -66,7 +66,7 @@ def spec_from(choices: dict[str, str | list[str]], processes: Any, fields: Seque
               values: Sequence[Any]) -> RunSpec:
     """The run the form describes: only the keys whose text differs from the composed value become overrides."""
     changed = {f.path: as_text(v) for f, v in zip(fields, values, strict=True) if as_text(v) != f.value}
-    return RunSpec(choices, changed, processes=int(processes or 1))
+    return RunSpec(choices, changed, processes=int(processes if processes is not None else 1))
 
 
 def field_of(message: str, fields: Sequence[Field]) -> Field | None:
