@@ -20,8 +20,7 @@ from tests.conftest import make_cfg
 
 def test_sigterm_checkpoints_the_last_step_and_resume_matches_straight(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # Planted bugs this failed on: no handler (the test process dies of SIGTERM); checkpointing step+1
-    # (resume skips a step: weights differ); raising after the other hooks' before_step (losses differ).
+    # Planted bug this failed on: the checkpoint written for the step after the last finished one.
     straight, aborted = tmp_path / "straight", tmp_path / "aborted"
     overrides = ("trainer.save_every=null", "adapter.dropout=0.1")  # dropout: the RNG state must resume too
     run(make_cfg(straight, *overrides))

@@ -67,7 +67,7 @@ class Server:
         log = open(self.cwd / f"server-{time.time():.0f}.log", "wb")  # noqa: SIM115 (the process keeps it)
         self.process = subprocess.Popen([sys.executable, "-m", "petuner", "ui", "--port", str(self.port), "--store",
                                          str(self.store), "--auth", f"{USER}:{PASSWORD}"], cwd=self.cwd, env=env,
-                                        stdout=log, stderr=subprocess.STDOUT)
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             assert self.process.poll() is None, (self.cwd / log.name).read_text()
@@ -79,8 +79,9 @@ class Server:
         raise AssertionError("petuner ui did not start within 120 s")
 
     def stop(self) -> None:
+        """Ctrl-C in the server's terminal: SIGINT to its whole process group (a run it started must survive)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            os.killpg(self.process.pid, signal.SIGINT)
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -211,7 +212,9 @@ def launch_watch_abort(page: object, store: Path) -> Path:
 
 
 def resume_and_restart(page: object, context: object, server: Server, run_dir: Path) -> None:
-    """Resume, then close the browser and restart the server while the run trains."""
+    """Resume, then close the browser and restart the server while the run trains.
+    The server is stopped as Ctrl-C stops it: SIGINT to its whole process group. Planted bug this failed on:
+    runs started without a session of their own (there Abort's signal to the run's process group missed)."""
     page.click("#resume")
     deadline = time.time() + 60
     while not launcher.is_running(run_dir) and time.time() < deadline:

@@ -92,7 +92,10 @@ def abort(run_dir: Path) -> None:
     """SIGTERM to the run's process group: it checkpoints its last finished step and ends."""
     if not is_running(run_dir):
         raise PetunerError(f"{run_dir} is not running")
-    os.killpg(int(read_launch(run_dir)["pid"]), signal.SIGTERM)  # type: ignore[arg-type,index]
+    try:
+        os.killpg(int(read_launch(run_dir)["pid"]), signal.SIGTERM)  # type: ignore[arg-type,index]
+    except ProcessLookupError:  # it ended between the check and the signal
+        raise PetunerError(f"{run_dir} is not running") from None
 
 
 def resume(run_dir: Path) -> list[str]:
