@@ -211,8 +211,8 @@ class Loop:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizers = [optimizer, *(o for hook in self.hooks for o in hook.optimizers())]
         results: dict[str, float] = {}
-        if start_step == 0:
-            results.update({f"{k}_before": v for k, v in self.run_eval(state).items()})
+        before = self.run_eval(state) if start_step == 0 else self.metrics.logged_at(0)  # a resume's, as logged
+        results.update({f"{k}_before": v for k, v in before.items()})
         batches = self.step_batches(start_step)
         (self.trained or model).train()
         with logging_redirect_tqdm(), tqdm(total=max_steps, initial=start_step, desc="train",
