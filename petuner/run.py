@@ -184,7 +184,9 @@ def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
         "targets": s.injection.targets, "head_modules": s.injection.head_modules,
         "trainable_parameters": trainable, "total_parameters": total,
         "device": str(s.device), **dtype_report(s.model, s.compute_dtype),
-        "train_examples": len(s.data.train), "eval_examples": len(s.data.eval),
+        # examples as examples; under data.packing also the rows they were packed into (what a batch counts)
+        **{k: s.data.report[k] for k in ("train_examples", "eval_examples", "train_rows", "eval_rows")
+           if k in s.data.report},
         "processes": distributed.world_size(), "data": s.data.report,
     }
     if isinstance(s.method, QuantizedBase):
