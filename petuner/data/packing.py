@@ -94,7 +94,7 @@ def pack_bundle(data: Any, tokenizer: Any, max_length: int, seed: int) -> Any:
     (data.packing=true); the report keeps the example counts and adds the row counts."""
     from petuner.errors import PetunerError
 
-    if data.kind not in PACKABLE_KINDS:
+    if not set(data.kind.split("+")) <= set(PACKABLE_KINDS):  # a mixture's kinds are joined by "+"
         raise PetunerError(f"data.packing=true packs {', '.join(PACKABLE_KINDS)} examples; this data is "
                            f"data.kind={data.kind} (text is already cut into full blocks of data.max_length)")
     data.train = pack_examples(data.train, max_length, seed)
