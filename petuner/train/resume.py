@@ -29,7 +29,7 @@ MAY_CHANGE = (
     # when training stops
     "trainer.max_steps", "trainer.epochs", "trainer.early_stopping_patience", "trainer.early_stopping_min_delta",
     "trainer.on_nonfinite",
-    # when it evaluates, logs and saves (evaluation is token-weighted, so its batch size changes no figure)
+    # when it evaluates, logs and saves (evaluation is token-weighted: its batch size changes only rounding)
     "trainer.eval_every", "trainer.eval_batch_size", "trainer.log_every", "trainer.save_every",
     "trainer.keep_checkpoints", "trainer.resume",
     # how a step is computed, where the loss and gradients stay the same
