@@ -40,6 +40,8 @@ def test_each_epoch_sees_each_example_once_under_uneven_accumulation(cfg_factory
     assert seen[0] != seen[3]  # the second epoch is reshuffled
 
 
-def test_resume_inside_and_across_a_short_last_step_is_exact(resume_check) -> None:
-    # Checkpoints at steps 2 and 4: resuming at 2 runs epoch 0's 2-batch step, then all of epoch 1.
-    resume_check(*EPOCHS, "trainer.epochs=2", "trainer.save_every=2", first_checkpoint="step-00000002")
+def test_resume_before_a_short_last_step_is_exact(resume_check) -> None:
+    # 13 examples in batches of 4 (4, 4, 4, 1), grad_accum=3: epochs of a 3-batch and a 1-batch step. Resuming
+    # at step 1 runs epoch 0's short step, then all of epoch 1.
+    resume_check("data.limit=13", "trainer.max_steps=null", "trainer.epochs=2", "trainer.batch_size=4",
+                 "trainer.grad_accum=3", "trainer.save_every=1", first_checkpoint="step-00000001")

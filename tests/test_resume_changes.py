@@ -92,7 +92,7 @@ def test_a_change_that_breaks_continuation_is_refused(cfg_factory, trained_run, 
 
 def test_bookkeeping_may_change_on_resume_and_the_weights_stay_exact(cfg_factory, tmp_path, monkeypatch) -> None:
     # Also: eval/loss_before survives the resume (seen failing before: the resumed run.json had no *_before).
-    straight = run(cfg_factory("trainer.save_every=3", run_dir=tmp_path / "straight"))
+    straight = run(cfg_factory("trainer.max_steps=4", "trainer.save_every=2", run_dir=tmp_path / "straight"))
     original = loop_module.save_checkpoint
 
     def crash_after_first(run_dir, step, *args, **kwargs):
@@ -102,9 +102,10 @@ def test_bookkeeping_may_change_on_resume_and_the_weights_stay_exact(cfg_factory
     with monkeypatch.context() as patch:
         patch.setattr(loop_module, "save_checkpoint", crash_after_first)
         with pytest.raises(Crash):
-            run(cfg_factory("trainer.save_every=3"))
-    resumed = run(cfg_factory("trainer.resume=true", "trainer.save_every=1", "trainer.keep_checkpoints=4",
-                              "trainer.eval_every=2", "trainer.eval_batch_size=5", "trainer.log_every=2"))
+            run(cfg_factory("trainer.max_steps=4", "trainer.save_every=2"))
+    resumed = run(cfg_factory("trainer.max_steps=4", "trainer.resume=true", "trainer.save_every=1",
+                              "trainer.keep_checkpoints=4", "trainer.eval_every=2", "trainer.eval_batch_size=5",
+                              "trainer.log_every=2"))
     assert_same_weights(tmp_path / "run", tmp_path / "straight")
     assert {k: v for k, v in resumed["results"].items() if "_before" in k} == \
         {k: v for k, v in straight["results"].items() if "_before" in k} != {}
