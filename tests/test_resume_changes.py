@@ -14,6 +14,7 @@ from petuner.errors import PetunerError
 from petuner.optim.schema import SCHEDULES
 from petuner.run import run
 from petuner.train import loop as loop_module
+from petuner.train.checkpoint import checkpoints
 from petuner.train.logging import read_metrics
 from tests.conftest import Crash
 
@@ -104,9 +105,11 @@ def test_bookkeeping_may_change_on_resume_and_the_weights_stay_exact(cfg_factory
         with pytest.raises(Crash):
             run(cfg_factory("trainer.max_steps=4", "trainer.save_every=2"))
     resumed = run(cfg_factory("trainer.max_steps=4", "trainer.resume=true", "trainer.save_every=1",
-                              "trainer.keep_checkpoints=4", "trainer.eval_every=2", "trainer.eval_batch_size=5",
+                              "trainer.keep_checkpoints=4", "trainer.eval_every=1", "trainer.eval_batch_size=5",
                               "trainer.log_every=2"))
     assert_same_weights(tmp_path / "run", tmp_path / "straight")
+    assert [c.name for c in checkpoints(tmp_path / "run")] == [f"step-0000000{i}" for i in (2, 3, 4)]  # applied
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "eval/loss" in m] == [0, 3, 4]
     assert {k: v for k, v in resumed["results"].items() if "_before" in k} == \
         {k: v for k, v in straight["results"].items() if "_before" in k} != {}
     assert json.loads((tmp_path / "run" / "run.json").read_text())["results"]["eval/loss_before"] == \
