@@ -2,7 +2,7 @@
 
 The same LoRA (r=8, alpha=16 on q_proj/v_proj, each ``--dropouts`` value) on the same model (petuner's
 ``load_model``: the same weights), the same chatterbot batches in the same order (the order of petuner's
-``Loop.micro_batches``: epoch 0 shuffled with ``torch.randperm`` seeded by trainer.seed), batch 8,
+``Loop.step_batches``: epoch 0 shuffled with ``torch.randperm`` seeded by trainer.seed), batch 8,
 fused AdamW, gradient clipping at 1.0, cosine schedule with 2 warmup steps, bf16 autocast on CUDA and fp32
 on CPU. Contenders:
 

@@ -3,7 +3,7 @@
 The data comes from the same config group and Hydra overrides as training (``compose_config``), is
 read and tokenized by the same data layer, and scored by the training loop's own ``evaluate`` — so
 evaluating a run on the data it trained on reproduces its final ``eval/*`` numbers. The metrics are
-written to ``RUN_DIR/eval-<name>.json``.
+written to ``RUN_DIR/eval-<name>[-<checkpoint>][-all].json`` (``report_file``).
 """
 
 from __future__ import annotations
@@ -40,11 +40,29 @@ def report_name(data_cfg: Any) -> str:
     return Path(str(data_cfg.path)).stem if data_cfg.format == "jsonl" else str(data_cfg.name)
 
 
+def report_file(data_cfg: Any, checkpoint: str | None, split: str) -> str:
+    """``eval-<name>.json`` for the final weights on the held-out split; other weights and ``--split all``
+    add ``-<checkpoint>`` (best, step-N) and ``-all``, so each scoring keeps its own file."""
+    parts = [f"eval-{report_name(data_cfg)}"]
+    if checkpoint and checkpoint != "last":
+        parts.append(f"step-{int(checkpoint.removeprefix('step-'))}" if checkpoint.startswith("step-") else checkpoint)
+    if split != "eval":
+        parts.append(split)
+    return "-".join(parts) + ".json"
+
+
+def every_example(data: Any) -> None:
+    """``--split all``: each source's held-out set becomes all of its examples (its training examples before
+    mixing, so each counts once whatever its mixture weight), and the combined set all of those."""
+    from datasets import concatenate_datasets
+
+    data.evals = {name: concatenate_datasets([data.trains[name], held_out]) for name, held_out in data.evals.items()}
+    data.eval = concatenate_datasets(list(data.evals.values()))
+
+
 def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "eval", batch_size: int = 16,
                  checkpoint: str | None = None, trust_remote_code: bool = False) -> tuple[Path, dict[str, Any]]:
     """Score the model in ``path`` on the data the overrides name; returns the report's path and contents."""
-    from datasets import concatenate_datasets
-
     import petuner
     from petuner.data import TASK_OF_KIND, build_data, source_configs
     from petuner.data.columns import prepare
@@ -71,12 +89,12 @@ def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "ev
         raise PetunerError(f"the data's labels {data.label_names} differ from the ones {path} learnt "
                            f"{folder_labels(path)}")
     if split == "all":
-        data.eval = concatenate_datasets([data.train, data.eval])
+        every_example(data)
     device = resolve_device("auto")
     metrics = evaluate(model.to(device), data, batch_size, device, None)
     report = {"model": str(path), "checkpoint": checkpoint or "last", "data": _plain(data_cfg),
               "split": split, "examples": len(data.eval), **metrics}
-    out = path / f"eval-{report_name(data_cfg)}.json"
+    out = path / report_file(data_cfg, checkpoint, split)
     atomic_write_json(out, report)
     return out, report
 

@@ -52,10 +52,9 @@ from petuner.train.logging import MetricsLog
 from petuner.train.loop import Loop, total_steps
 from petuner.train.memory import MemoryHook
 from petuner.train.precision import adapter_dtype, check_precision, dtype_report, full_finetuning, upcast_trainable
+from petuner.train.resume import check_length, check_unchanged, follow_schedule
 
 log = logging.getLogger(__name__)
-# Sections whose change makes a checkpoint meaningless for the run (trainer.max_steps may grow).
-RESUME_SECTIONS = ("model", "data", "adapter", "optimizer")
 
 
 def prepare_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
@@ -76,12 +75,16 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     if checkpoint is None:
         raise PetunerError(f"trainer.resume=true but run_dir={str(run_dir)!r} has no checkpoint")
     check_world_size(checkpoint)
-    saved = read_config(run_dir)
-    for section in RESUME_SECTIONS:
-        if OmegaConf.to_container(saved[section], resolve=True) != OmegaConf.to_container(cfg[section], resolve=True):
-            raise PetunerError(f"trainer.resume=true but the {section} config differs from the one "
-                               f"{run_dir}/{CONFIG_FILE} trained with")
+    check_unchanged(read_config(run_dir), cfg, run_dir)
     return run_dir, checkpoint
+
+
+def check_resume_length(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, train_rows: int) -> None:
+    """A resumed run's length against its checkpoint (needs the data: ``trainer.epochs`` counts its rows)."""
+    if checkpoint is not None:
+        saved = read_config(run_dir).trainer
+        check_length(_checkpoint_step(checkpoint), total_steps(cfg.trainer, train_rows),
+                     total_steps(saved, train_rows), str(cfg.optimizer.schedule))
 
 
 def seed_everything(seed: int) -> None:
@@ -142,6 +145,7 @@ def set_up(cfg: DictConfig) -> Setup:
     if cfg.data.packing:
         data = pack_bundle(data, tokenizer, cfg.data.max_length, cfg.data.split_seed)
     log.info("data:\n%s", describe(data, tokenizer, examples=1))
+    check_resume_length(cfg, run_dir, checkpoint, len(data.train))
 
     model = load_model(cfg.model, data.num_labels)
     if cfg.data.packing:
@@ -180,7 +184,9 @@ def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
         "targets": s.injection.targets, "head_modules": s.injection.head_modules,
         "trainable_parameters": trainable, "total_parameters": total,
         "device": str(s.device), **dtype_report(s.model, s.compute_dtype),
-        "train_examples": len(s.data.train), "eval_examples": len(s.data.eval),
+        # examples as examples; under data.packing also the rows they were packed into (what a batch counts)
+        **{k: s.data.report[k] for k in ("train_examples", "eval_examples", "train_rows", "eval_rows")
+           if k in s.data.report},
         "processes": distributed.world_size(), "data": s.data.report,
     }
     if isinstance(s.method, QuantizedBase):
@@ -219,6 +225,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = 0
     if s.checkpoint is not None:
         start = load_checkpoint(s.checkpoint, model, optimizer, scheduler, loop.scaler, loop.hooks)
+        follow_schedule(scheduler)  # the rates of this run's length, which may differ from the checkpoint's
         log.info("resumed from %s (step %d)", s.checkpoint, start)
     reset_peak_memory(device)
     try:

@@ -143,5 +143,8 @@ def test_packed_run_trains(cfg_factory) -> None:
     from petuner.run import run
 
     info = run(cfg_factory("data.packing=true", "data.max_length=256", "trainer.max_steps=3"))
-    assert info["train_examples"] < 64 / 3  # 64 training examples went into a few rows
+    # 64 training examples went into a few rows; run.json counts examples as examples (seen failing before #29:
+    # train_examples was the row count, while data.train_examples said 64)
+    assert info["train_examples"] == info["data"]["train_examples"] == 64 and info["eval_examples"] == 32
+    assert info["train_rows"] < 64 / 3 and info["eval_rows"] < 32 / 3
     assert info["results"]["eval/loss_after"] < info["results"]["eval/loss_before"]

@@ -43,6 +43,7 @@ class DataBundle:
     collate: Any
     label_names: list[str] = field(default_factory=list)
     evals: dict[str, Dataset] = field(default_factory=dict)  # held-out examples per source
+    trains: dict[str, Dataset] = field(default_factory=dict)  # training examples per source, before mixing
     report: dict[str, Any] = field(default_factory=dict)  # counts per source and split (run.json's "data")
 
     @property
@@ -204,4 +205,4 @@ def build_data(cfg: Any, tokenizer: Any, task: str) -> DataBundle:
         collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=sft.IGNORE)
     report.update(train_examples=len(train), eval_examples=len(held_out))
     return DataBundle(kind=kind, train=train, eval=held_out, collate=collate, label_names=built[0].label_names,
-                      evals=evals, report=report)
+                      evals=evals, trains={b.name: b.splits["train"] for b in built}, report=report)

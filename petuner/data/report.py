@@ -72,8 +72,11 @@ def show_example(example: dict[str, Any], tokenizer: Any, kind: str, label_names
 
 def describe(data: Any, tokenizer: Any, examples: int) -> str:
     """The summary and the first ``examples`` training examples, as ``petuner data`` prints them."""
-    lines = [*summary_lines(data.report),
-             f"training on {data.report['train_examples']:,} examples, evaluating on {data.report['eval_examples']:,}"]
+    counts = data.report
+    packed = (f" (packed into {counts['train_rows']:,} and {counts['eval_rows']:,} rows)"
+              if "train_rows" in counts else "")
+    lines = [*summary_lines(counts),
+             f"training on {counts['train_examples']:,} examples, evaluating on {counts['eval_examples']:,}{packed}"]
     for i in range(min(examples, len(data.train))):
         marks = "" if data.kind == "classification" else f" (labelled tokens between {OPEN} and {CLOSE})"
         lines.append(f"--- training example {i}{marks} ---")

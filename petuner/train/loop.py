@@ -1,6 +1,7 @@
 """The training loop: every adapter and optimizer goes through these lines, top to bottom.
 
-Per optimizer step: hooks.before_step → forward/backward over ``grad_accum`` micro-batches →
+Per optimizer step: hooks.before_step → forward/backward over ``grad_accum`` micro-batches (fewer in an
+epoch's last step when ``grad_accum`` does not divide its batches: no step spans two epochs) →
 unscale (every optimizer's, hooks' too) → hooks.after_backward (the guard first: a non-finite or
 scaler-overflowing step is skipped for every hook) → clip → optimizer, scheduler → hooks.after_optimizer_step → log,
 evaluate, checkpoint. Data order is a pure function of (seed, epoch), so a resumed run sees exactly
@@ -44,11 +45,17 @@ def batches_per_epoch(train_examples: int, batch_size: int) -> int:
     return len(epoch_batches(list(range(train_examples)), batch_size))
 
 
+def steps_per_epoch(train_examples: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch: ``grad_accum`` batches each, the last one shorter when ``grad_accum``
+    does not divide the epoch's batches (as transformers' Trainer does), so no step spans two epochs."""
+    return math.ceil(batches_per_epoch(train_examples, batch_size) / grad_accum)
+
+
 def total_steps(cfg: Any, train_examples: int) -> int:
-    """Optimizer steps in the run: ``max_steps``, or ``epochs`` worth of accumulated batches."""
+    """Optimizer steps in the run: ``max_steps``, or ``epochs`` worth of steps."""
     if cfg.max_steps:
         return int(cfg.max_steps)
-    return int(cfg.epochs) * math.ceil(batches_per_epoch(train_examples, cfg.batch_size) / cfg.grad_accum)
+    return int(cfg.epochs) * steps_per_epoch(train_examples, cfg.batch_size, cfg.grad_accum)
 
 
 def _private_generator() -> torch.Generator:
@@ -133,27 +140,26 @@ class Loop:
     trained: nn.Module | None = None  # what forward/backward go through (DDP's wrapper); ``model`` if None
     last_eval: tuple[int, dict[str, float]] = (-1, {})
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return batches_per_epoch(len(self.data.train), self.cfg.batch_size)
-
     def total_steps(self) -> int:
         return total_steps(self.cfg, len(self.data.train))
 
     # --- data -----------------------------------------------------------------------------------
 
-    def micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's shares of the global micro-batches from index ``start`` on; every rank draws the
-        same order (seed + epoch) and takes its part of each global batch."""
-        n, size = len(self.data.train), self.cfg.batch_size
-        epoch, offset = divmod(start, self.batches_per_epoch)
+    def step_batches(self, start_step: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """This rank's shares of each optimizer step's micro-batches, from step ``start_step`` on. Every
+        epoch is ``steps_per_epoch`` steps of ``grad_accum`` batches (its last step takes what is left), so
+        an epoch sees each example once; every rank draws the same order (seed + epoch) and takes its part
+        of each global batch."""
+        n, size, accum = len(self.data.train), self.cfg.batch_size, self.cfg.grad_accum
+        epoch, step = divmod(start_step, steps_per_epoch(n, size, accum))
         while True:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).tolist()
-            batches = [distributed.shard(b) for b in epoch_batches(order, size)[offset:]]
-            yield from DataLoader(self.data.train, batch_sampler=batches, collate_fn=self.data.collate,
-                                  num_workers=self.cfg.num_workers, generator=_private_generator())
-            epoch, offset = epoch + 1, 0
-
+            batches = [distributed.shard(b) for b in epoch_batches(order, size)[step * accum:]]
+            loader = iter(DataLoader(self.data.train, batch_sampler=batches, collate_fn=self.data.collate,
+                                     num_workers=self.cfg.num_workers, generator=_private_generator()))
+            for first in range(0, len(batches), accum):
+                yield [next(loader) for _ in batches[first:first + accum]]
+            epoch, step = epoch + 1, 0
 
     # --- evaluation -----------------------------------------------------------------------------
 
@@ -205,9 +211,9 @@ class Loop:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizers = [optimizer, *(o for hook in self.hooks for o in hook.optimizers())]
         results: dict[str, float] = {}
-        if start_step == 0:
-            results.update({f"{k}_before": v for k, v in self.run_eval(state).items()})
-        batches = self.micro_batches(start_step * cfg.grad_accum)
+        before = self.run_eval(state) if start_step == 0 else self.metrics.logged_at(0)  # a resume's, as logged
+        results.update({f"{k}_before": v for k, v in before.items()})
+        batches = self.step_batches(start_step)
         (self.trained or model).train()
         with logging_redirect_tqdm(), tqdm(total=max_steps, initial=start_step, desc="train",
                                            dynamic_ncols=True, disable=not distributed.is_writer()) as bar:
@@ -218,7 +224,7 @@ class Loop:
                     hook.before_step(state)
                 if state.stop:
                     break
-                state.loss, tokens = self.accumulate([next(batches) for _ in range(cfg.grad_accum)])
+                state.loss, tokens = self.accumulate(next(batches))
                 for opt in optimizers:  # every gradient a step uses, the hooks' own included, unscaled
                     self.scaler.unscale_(opt)
                 for hook in self.hooks:
