@@ -117,6 +117,18 @@ class Setup:
     checkpoint: Path | None
 
 
+def install_training_paths(model: torch.nn.Module, trainer: DictConfig, task: str) -> None:
+    """What ``trainer`` puts between the adapted model and the loss: the output path (labelled logits, chunked
+    loss), the lean SwiGLU, checkpointing, compilation. One function, so tests train through what runs do."""
+    install_output_path(model, trainer, task)
+    if trainer.lean_swiglu:
+        log.info("lean SwiGLU: %d MLPs save two of their three activations", lean_swiglu(model))
+    if trainer.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if trainer.compile:
+        compile_model(model)
+
+
 def set_up(cfg: DictConfig) -> Setup:
     """Check everything cheap first (config, run folder, targets on a weightless copy), then load and adapt."""
     plan = validate(cfg)
@@ -164,13 +176,7 @@ def set_up(cfg: DictConfig) -> Setup:
     model.to(device)
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
-    install_output_path(model, cfg.trainer, cfg.model.task)
-    if cfg.trainer.lean_swiglu:
-        log.info("lean SwiGLU: %d MLPs save two of their three activations", lean_swiglu(model))
-    if cfg.trainer.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.trainer.compile:
-        compile_model(model)
+    install_training_paths(model, cfg.trainer, cfg.model.task)
     return Setup(model=model, method=method, data=data, injection=injection, device=device,
                  compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint)
 
