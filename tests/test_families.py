@@ -1,0 +1,145 @@
+"""The architecture matrix: tiny random models of 16 causal LM families, each through the real run code path.
+
+Every family's tiny model (2 layers, hidden 64, the SmolLM2 tokenizer) is built from its transformers config
+class with ``model.random_init``, weights drawn large (``initializer_range=0.2``) and each family's logit
+transform made to bite (Gemma 2's soft-cap at 3, Cohere's logit scale 4, Granite's logit divisor 1/4), so that a
+speed-up skipping one would show. One 2-step training run per family is shared by the tests below (built on
+first use, once per session). Each family must:
+
+- train 2 steps with its default targets (``model.lora_targets: auto``) and every speed-up on;
+- give a held-out loss equal to plain transformers' within 1e-5 relative;
+- keep packed examples apart (the probe the run uses), or be refused up front;
+- give a merged export whose logits equal the run's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from petuner.data import build_data
+from petuner.data.packing import attend_within_examples, check_packing_exact
+from petuner.errors import ConfigError, PetunerError
+from petuner.families import PACKING_LEAKS, default_targets
+from petuner.models import load_model, load_tokenizer
+
+from .conftest import make_cfg
+
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+            pad_token_id=2, initializer_range=0.2)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {},
+    "gemma2": {"final_logit_softcapping": 3.0, "attn_logit_softcapping": 5.0},
+    "gemma3_text": {}, "phi3": {}, "gpt2": {}, "gpt_neox": {}, "falcon": {},
+    "cohere": {"logit_scale": 4.0}, "granite": {"logits_scaling": 0.25}, "olmo2": {},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+}
+SMALL = ("trainer.max_steps=2", "trainer.save_every=null", "data.limit=24", "data.eval_size=8",
+         "trainer.loss_chunk=16", "trainer.eval_batch_size=4")
+
+
+def family_cfg(family: str, run_dir: Path, *overrides: str) -> Any:
+    cfg = make_cfg(run_dir, *SMALL, *overrides)
+    with open_dict(cfg):
+        cfg.model.random_init = {"model_type": family, **BASE, **FAMILIES[family]}
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def family_run(tmp_path_factory: pytest.TempPathFactory):
+    """family → (its config, the finished run's info), each trained once per session on first use."""
+    from petuner.run import run
+
+    done: dict[str, tuple[Any, dict[str, Any]]] = {}
+
+    def get(family: str) -> tuple[Any, dict[str, Any]]:
+        if family not in done:
+            cfg = family_cfg(family, tmp_path_factory.mktemp(family) / "run")
+            done[family] = cfg, run(cfg)
+        return done[family]
+
+    return get
+
+
+def plain_eval_loss(cfg: Any) -> float:
+    """Token-weighted held-out loss of plain transformers (no petuner hook) over the run's eval batches."""
+    from petuner.config import validate
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_data(validate(cfg).data, tokenizer, "causal_lm")
+    model = load_model(cfg.model).eval()
+    total, items = 0.0, 0
+    with torch.no_grad():
+        size = cfg.trainer.eval_batch_size
+        for start in range(0, len(data.eval), size):
+            batch = data.collate([data.eval[i] for i in range(start, min(start + size, len(data.eval)))])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+            items += n
+    return total / items
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_trains_with_its_default_targets_and_matches_plain_transformers(family: str, family_run) -> None:
+    cfg, info = family_run(family)
+    assert info["steps"] == 2
+    leaves = {name.rsplit(".", 1)[-1] for name in info["targets"]}
+    assert leaves == set(default_targets(family)), info["targets"]
+    results = info["results"]
+    assert torch.isfinite(torch.tensor(results["eval/loss_after"]))
+    plain = plain_eval_loss(cfg)
+    # every speed-up on (labelled logits, chunked loss, lean SwiGLU, the model's own attention default); adapters
+    # start at zero, so the held-out loss before training is the base model's: equal to 1e-5 relative
+    assert results["eval/loss_before"] == pytest.approx(plain, rel=1e-5)
+    assert results["eval/loss_after"] != results["eval/loss_before"]  # the 2 steps moved the adapter
+    if family in ("mixtral", "qwen3_moe"):
+        assert results["eval/aux_loss_before"] > 0  # reported apart from the language-model loss
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_keeps_packed_examples_apart_or_is_refused(family: str, tmp_path: Path) -> None:
+    """The probe the run uses at set-up, on each family: packed B after A = B alone; Falcon's leak is caught by
+    the probe itself, and refused up front by its family entry (one line, before data or weights)."""
+    cfg = family_cfg(family, tmp_path / "run", "data.packing=true")
+    model = load_model(cfg.model)
+    attend_within_examples(model)
+    if family in PACKING_LEAKS:
+        with pytest.raises(PetunerError, match="lets packed examples attend to each other"):
+            check_packing_exact(model)
+        return
+    assert check_packing_exact(model) < 1e-5
+
+
+def test_leaky_family_is_refused_before_data_or_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import petuner.run as run_module
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the refusal came after the data was built")
+
+    monkeypatch.setattr(run_module, "build_data", never)
+    with pytest.raises(ConfigError, match=r"data.packing=true: model_type=falcon would let packed examples attend"):
+        run_module.run(family_cfg("falcon", tmp_path / "run", "data.packing=true"))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_merged_export_equals_the_run(family: str, family_run, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from petuner.export import export
+    from petuner.run_folder import load
+
+    cfg, _ = family_run(family)
+    out = export(cfg.run_dir, "merged", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    trained = load(cfg.run_dir).model
+    ids = torch.randint(1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = trained(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert type(merged).__name__ == type(trained).__name__
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
