@@ -57,12 +57,13 @@ class Injection:
 class AdapterLayer(nn.Module, ABC):
     """A frozen ``nn.Linear`` plus an adapter's own parameters."""
 
+    fan_in_fan_out = False  # the model's layer was a Conv1D (W stored in × out): unload gives one back
+
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.merged = False
         self.disabled = False
-        self.fan_in_fan_out = False  # the model's layer was a Conv1D (W stored in × out): unload gives one back
 
     @property
     def in_features(self) -> int:

@@ -40,6 +40,7 @@ from petuner.adapters.peft_form import PEFT_TASK_TYPES
 from petuner.adapters.registry import register_adapter
 from petuner.adapters.targets import match_targets
 from petuner.errors import ConfigError, first_line
+from petuner.families import default_targets
 from petuner.schema import checked, items
 from petuner.train.hooks import Hook, TrainState
 
@@ -282,7 +283,9 @@ class PeftTuner(AdapterMethod, PeftNative):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.select_targets(model, exclude=head_modules)  # petuner's one-line error before peft runs
-        config = self.build_config()
+        spec = self.cfg.config.target_modules
+        config = self.build_config(**({"target_modules": default_targets(model.config.model_type)}
+                                      if spec == "auto" else {}))
         model.requires_grad_(False)
         # peft's tuner injects its layers into ``model`` in place and leaves only the adapters trainable.
         try:
