@@ -177,3 +177,31 @@ def test_family_gguf_reloads_in_transformers_with_the_run_logits(family: str, fa
     with torch.no_grad():
         want, got = load(cfg.run_dir).model(input_ids=ids).logits, reloaded(input_ids=ids).logits
     assert (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                                    "olmo2"])
+def test_llama_cpp_runs_the_gguf_export_with_petuner_generates_greedy_tokens(family: str, family_run,
+                                                                             tmp_path: Path) -> None:
+    """A real client: llama.cpp (llama-cpp-python) loads each family's f32 GGUF export, tokenizes the chat prompt
+    as the run's tokenizer does, and decodes greedily the tokens ``petuner generate`` decodes."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from petuner.export import export
+    from petuner.generate import Sampling, load_generator
+
+    cfg, _ = family_run(family)
+    out = export(cfg.run_dir, "gguf", tmp_path / "model.gguf", dtype="f32")
+    gen = load_generator(cfg.run_dir)
+    text = gen.messages_text([{"role": "user", "content": "What is the capital of France?"}])
+    batch = gen.encode([text])
+    ours = gen.generate_ids(batch, Sampling(max_new_tokens=8))[0].tolist()
+    prompt = batch["input_ids"][0].tolist()
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, n_threads=1, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
+    theirs = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        theirs.append(token)
+        if len(theirs) == len(ours) or token == llm.token_eos():
+            break
+    assert theirs == ours[:len(theirs)] and len(theirs) == len(ours)
