@@ -205,3 +205,21 @@ def test_llama_cpp_runs_the_gguf_export_with_petuner_generates_greedy_tokens(fam
         if len(theirs) == len(ours) or token == llm.token_eos():
             break
     assert theirs == ours[:len(theirs)] and len(theirs) == len(ours)
+
+
+def test_gpt2_peft_export_sets_fan_in_fan_out_and_reloads_in_peft(family_run, tmp_path: Path) -> None:
+    import json
+
+    import peft
+
+    from petuner.export import export
+    from petuner.run_folder import load
+
+    cfg, _ = family_run("gpt2")
+    out = export(cfg.run_dir, "peft", tmp_path / "peft")
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    reloaded = peft.PeftModel.from_pretrained(load_model(cfg.model), str(out)).eval()
+    ids = torch.randint(1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = load(cfg.run_dir).model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
