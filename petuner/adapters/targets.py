@@ -61,6 +61,19 @@ def match_targets(model: nn.Module, spec: str | Sequence[str], exclude: Sequence
     return found
 
 
+def match_parameters(model: nn.Module, spec: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """peft's ``target_parameters``: parameter names matched by suffix (the fused expert weights of a
+    mixture of experts, e.g. ``experts.gate_up_proj``, which no linear layer holds)."""
+    keys = [str(k) for k in spec]
+    found = [name for name, _ in model.named_parameters()
+             if any(name == k or name.endswith("." + k) for k in keys) and not _under(name, exclude)]
+    if not found:
+        fused = sorted({n.split(".", 3)[-1] for n, p in model.named_parameters() if p.dim() == 3})
+        raise ConfigError(f"adapter.config.target_parameters={keys!r} matches no parameter of {type(model).__name__}"
+                          f"; its 3-D (expert) parameters are: {', '.join(fused) or 'none'}")
+    return found
+
+
 def check_rank_fits(model: nn.Module, targets: Sequence[str], r: int) -> None:
     for name in targets:
         out_features, in_features = linear_shape(model.get_submodule(name))
