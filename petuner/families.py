@@ -58,8 +58,8 @@ def resolve_attention(requested: str, config: Any, task: str) -> str:
     """``model.attn_implementation`` for this model: auto is sdpa where its class supports it, else eager;
     an explicit implementation the class does not support is refused in one line."""
     cls = model_class(config, task)
-    supports = {"sdpa": getattr(cls, "_supports_sdpa", True),
-                "flash_attention_2": getattr(cls, "_supports_flash_attn", True), "eager": True}
+    supports = {"eager": True, "sdpa": getattr(cls, "_supports_sdpa", True),
+                "flash_attention_2": getattr(cls, "_supports_flash_attn", True)}
     if requested == "auto":
         return "sdpa" if supports["sdpa"] else "eager"
     if not supports.get(requested, True):

@@ -127,6 +127,16 @@ def test_leaky_family_is_refused_before_data_or_weights(tmp_path: Path, monkeypa
         run_module.run(family_cfg("falcon", tmp_path / "run", "data.packing=true"))
 
 
+def test_an_attention_the_model_lacks_is_refused_before_data_or_weights(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import petuner.run as run_module
+
+    monkeypatch.setattr(run_module, "build_data", None)  # the refusal must come first
+    with pytest.raises(ConfigError, match=r"^model.attn_implementation=sdpa: Gemma2ForCausalLM does not support it; "
+                                          r"allowed: eager, flash_attention_2 \(or auto\)$"):
+        run_module.run(family_cfg("gemma2", tmp_path / "run", "model.attn_implementation=sdpa"))
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_merged_export_equals_the_run(family: str, family_run, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
