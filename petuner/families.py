@@ -27,8 +27,22 @@ EXTRA_TARGETS: dict[str, list[str]] = {
     "olmo2": ["q_proj", "v_proj"], "qwen3_moe": ["q_proj", "v_proj"], "gemma3": ["q_proj", "v_proj"],
     "granitemoe": ["q_proj", "v_proj"], "olmoe": ["q_proj", "v_proj"], "smollm3": ["q_proj", "v_proj"],
 }
+# A family's tiny random model (``model.random_init``): 2 layers, hidden size 64, the SmolLM2 tokenizer's vocabulary;
+# the tests' architecture matrix and the GGUF benchmark build every family from these.
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 512, "vocab_size": 49152, "tie_word_embeddings": True,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+TINY_EXTRA: dict[str, dict[str, Any]] = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+}
 # transformers builds these families' attention masks without position_ids: packed rows would leak.
 PACKING_LEAKS: dict[str, str] = {"falcon": "FalconForCausalLM builds its attention mask without position_ids"}
+
+
+def tiny_random_init(model_type: str, **fields: Any) -> dict[str, Any]:
+    """``model.random_init`` of the family's tiny model, ``fields`` over it."""
+    return {"model_type": model_type, **TINY, **TINY_EXTRA.get(model_type, {}), **fields}
 
 
 def default_targets(model_type: str | None) -> list[str] | str:

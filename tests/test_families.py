@@ -24,21 +24,18 @@ from omegaconf import open_dict
 from petuner.data import build_data
 from petuner.data.packing import attend_within_examples, check_packing_exact
 from petuner.errors import ConfigError, PetunerError
-from petuner.families import PACKING_LEAKS, default_targets
+from petuner.families import PACKING_LEAKS, default_targets, tiny_random_init
 from petuner.models import load_model, load_tokenizer
 
 from .conftest import make_cfg
 
-BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=512, vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-            pad_token_id=2, initializer_range=0.2)
+# each family's logit transform made to bite; weights drawn large so that logits are large
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {},
     "gemma2": {"final_logit_softcapping": 3.0, "attn_logit_softcapping": 5.0},
     "gemma3_text": {}, "phi3": {}, "gpt2": {}, "gpt_neox": {}, "falcon": {},
     "cohere": {"logit_scale": 4.0}, "granite": {"logits_scaling": 0.25}, "olmo2": {},
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+    "mixtral": {}, "qwen3_moe": {},
 }
 SMALL = ("trainer.max_steps=2", "trainer.save_every=null", "data.limit=24", "data.eval_size=8",
          "trainer.loss_chunk=16", "trainer.eval_batch_size=4")
@@ -47,7 +44,7 @@ SMALL = ("trainer.max_steps=2", "trainer.save_every=null", "data.limit=24", "dat
 def family_cfg(family: str, run_dir: Path, *overrides: str) -> Any:
     cfg = make_cfg(run_dir, *SMALL, *overrides)
     with open_dict(cfg):
-        cfg.model.random_init = {"model_type": family, **BASE, **FAMILIES[family]}
+        cfg.model.random_init = tiny_random_init(family, initializer_range=0.2, **FAMILIES[family])
     return cfg
 
 
@@ -233,3 +230,19 @@ def test_gpt2_peft_export_sets_fan_in_fan_out_and_reloads_in_peft(family_run, tm
     with torch.no_grad():
         want, got = load(cfg.run_dir).model(input_ids=ids).logits, reloaded(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.slow
+def test_refusals_are_one_line_with_status_2_from_the_command_line(tmp_path: Path) -> None:
+    """``python train.py``: Falcon with packing, and Gemma 2 with sdpa, each one line on stderr, exit status 2."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cases = {"falcon": ("data.packing=true",), "gemma2": ("model.attn_implementation=sdpa",)}
+    for family, overrides in cases.items():
+        done = subprocess.run([sys.executable, str(root / "train.py"), "model=tiny_llama", "logger=none",
+                               f"model.random_init.model_type={family}", f"run_dir={tmp_path / family}", *overrides],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
