@@ -14,6 +14,7 @@ first use, once per session). Each family must:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,18 @@ def family_cfg(family: str, run_dir: Path, *overrides: str) -> Any:
     return cfg
 
 
+PROBE = torch.randint(1000, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@functools.cache
+def run_logits(run_dir: str) -> torch.Tensor:
+    """The finished run's logits on PROBE (``petuner.load``), once per run."""
+    from petuner.run_folder import load
+
+    with torch.no_grad():
+        return load(run_dir).model(input_ids=PROBE).logits
+
+
 @pytest.fixture(scope="session")
 def family_run(tmp_path_factory: pytest.TempPathFactory):
     """family → (its config, the finished run's info), each trained once per session on first use."""
@@ -64,12 +77,17 @@ def family_run(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-def plain_eval_loss(cfg: Any) -> float:
-    """Token-weighted held-out loss of plain transformers (no petuner hook) over the run's eval batches."""
+@pytest.fixture(scope="session")
+def eval_data(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The runs' data (one tokenizer, one data config for every family): built once."""
     from petuner.config import validate
 
-    tokenizer = load_tokenizer(cfg.model)
-    data = build_data(validate(cfg).data, tokenizer, "causal_lm")
+    cfg = family_cfg("llama", tmp_path_factory.mktemp("data") / "run")
+    return build_data(validate(cfg).data, load_tokenizer(cfg.model), "causal_lm")
+
+
+def plain_eval_loss(cfg: Any, data: Any) -> float:
+    """Token-weighted held-out loss of plain transformers (no petuner hook) over the run's eval batches."""
     model = load_model(cfg.model).eval()
     total, items = 0.0, 0
     with torch.no_grad():
@@ -83,14 +101,15 @@ def plain_eval_loss(cfg: Any) -> float:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_trains_with_its_default_targets_and_matches_plain_transformers(family: str, family_run) -> None:
+def test_family_trains_with_its_default_targets_and_matches_plain_transformers(family: str, family_run,
+                                                                            eval_data) -> None:
     cfg, info = family_run(family)
     assert info["steps"] == 2
     leaves = {name.rsplit(".", 1)[-1] for name in info["targets"]}
     assert leaves == set(default_targets(family)), info["targets"]
     results = info["results"]
     assert torch.isfinite(torch.tensor(results["eval/loss_after"]))
-    plain = plain_eval_loss(cfg)
+    plain = plain_eval_loss(cfg, eval_data)
     # every speed-up on (labelled logits, chunked loss, lean SwiGLU, the model's own attention default); adapters
     # start at zero, so the held-out loss before training is the base model's: equal to 1e-5 relative
     assert results["eval/loss_before"] == pytest.approx(plain, rel=1e-5)
@@ -100,10 +119,10 @@ def test_family_trains_with_its_default_targets_and_matches_plain_transformers(f
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_keeps_packed_examples_apart_or_is_refused(family: str, tmp_path: Path) -> None:
+def test_family_keeps_packed_examples_apart_or_is_refused(family: str, family_run) -> None:
     """The probe the run uses at set-up, on each family: packed B after A = B alone; Falcon's leak is caught by
     the probe itself, and refused up front by its family entry (one line, before data or weights)."""
-    cfg = family_cfg(family, tmp_path / "run", "data.packing=true")
+    cfg, _ = family_run(family)
     model = load_model(cfg.model)
     attend_within_examples(model)
     if family in PACKING_LEAKS:
@@ -139,16 +158,12 @@ def test_family_merged_export_equals_the_run(family: str, family_run, tmp_path: 
     from transformers import AutoModelForCausalLM
 
     from petuner.export import export
-    from petuner.run_folder import load
 
     cfg, _ = family_run(family)
     out = export(cfg.run_dir, "merged", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    trained = load(cfg.run_dir).model
-    ids = torch.randint(1000, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, got = trained(input_ids=ids).logits, merged(input_ids=ids).logits
-    assert type(merged).__name__ == type(trained).__name__
+        want, got = run_logits(str(cfg.run_dir)), merged(input_ids=PROBE).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
@@ -168,7 +183,6 @@ def test_family_gguf_reloads_in_transformers_with_the_run_logits(family: str, fa
 
     from petuner import gguf_export
     from petuner.export import export
-    from petuner.run_folder import load
 
     monkeypatch.setattr(gguf_export, "write_tokenizer", lambda *args: None)
     cfg, _ = family_run(family)
@@ -180,9 +194,8 @@ def test_family_gguf_reloads_in_transformers_with_the_run_logits(family: str, fa
                  for key in ("attn_logit_softcapping", "final_logit_softcapping")}
         assert extra == {key: FAMILIES["gemma2"][key] for key in extra}
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32, **extra).eval()
-    ids = torch.randint(1000, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, got = load(cfg.run_dir).model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+        want, got = run_logits(str(cfg.run_dir)), reloaded(input_ids=PROBE).logits
     assert (got - want).abs().max() <= 1e-4
 
 
@@ -220,15 +233,13 @@ def test_gpt2_peft_export_sets_fan_in_fan_out_and_reloads_in_peft(family_run, tm
     import peft
 
     from petuner.export import export
-    from petuner.run_folder import load
 
     cfg, _ = family_run("gpt2")
     out = export(cfg.run_dir, "peft", tmp_path / "peft")
     assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     reloaded = peft.PeftModel.from_pretrained(load_model(cfg.model), str(out)).eval()
-    ids = torch.randint(1000, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, got = load(cfg.run_dir).model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+        want, got = run_logits(str(cfg.run_dir)), reloaded(input_ids=PROBE).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
