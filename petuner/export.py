@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from petuner.adapters import LoRAFactors, adapter_state_dict, unload
 from petuner.adapters.capabilities import PeftNative, QuantizedBase, RankDynamic
-from petuner.adapters.peft_form import lora_config, lora_state_dict, lora_views
+from petuner.adapters.peft_form import layout_options, lora_config, lora_state_dict, lora_views
 from petuner.choices import EXPORT_FORMATS, GGUF_DTYPES
 from petuner.errors import PetunerError
 from petuner.extras import require
@@ -85,7 +85,8 @@ def export_peft(run: LoadedRun, out: Path) -> None:
             run.cfg.model, num_labels=len(run.info.get("label_names") or []) or None)).save_pretrained(str(out))
         return
     factors = lora_factors(run)
-    lora_config(factors, run.method.peft_options() or {}, task, heads, base).save_pretrained(str(out))
+    options = {**(run.method.peft_options() or {}), **layout_options(run.model)}
+    lora_config(factors, options, task, heads, base).save_pretrained(str(out))
     save_tensors(lora_state_dict(run.model, factors), out / "adapter_model.safetensors")
 
 

@@ -23,10 +23,11 @@ from petuner.adapters import Injection, adapter_state_dict, inject
 from petuner.adapters.capabilities import OwnsOptimizerParameters, PreparesFromData, QuantizedBase
 from petuner.config import validate
 from petuner.data import build_data
-from petuner.data.packing import attend_within_examples, pack_bundle
+from petuner.data.packing import attend_within_examples, check_packing_exact, pack_bundle
 from petuner.data.report import describe
 from petuner.data.schema import check_max_length
 from petuner.errors import PetunerError
+from petuner.families import check_family
 from petuner.io import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -53,6 +54,7 @@ from petuner.train.loop import Loop, total_steps
 from petuner.train.memory import MemoryHook
 from petuner.train.precision import adapter_dtype, check_precision, dtype_report, full_finetuning, upcast_trainable
 from petuner.train.resume import check_length, check_unchanged, follow_schedule
+from petuner.train.router_loss import route_losses
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,9 @@ class Setup:
 
 def install_training_paths(model: torch.nn.Module, trainer: DictConfig, task: str) -> None:
     """What ``trainer`` puts between the adapted model and the loss: the output path (labelled logits, chunked
-    loss), the lean SwiGLU, checkpointing, compilation. One function, so tests train through what runs do."""
+    loss), a mixture of experts' router loss, the lean SwiGLU, checkpointing, compilation. One function, so tests train through what runs do."""
     install_output_path(model, trainer, task)
+    route_losses(model)
     if trainer.lean_swiglu:
         log.info("lean SwiGLU: %d MLPs save two of their three activations", lean_swiglu(model))
     if trainer.gradient_checkpointing:
@@ -146,7 +149,9 @@ def set_up(cfg: DictConfig) -> Setup:
     method = plan.method
     method.device = device  # decompositions and quantization run where the model will train
     check_precision(cfg.model, method, compute_dtype)
-    check_max_length(plan.data, context_length(model_config(cfg.model)))
+    config = model_config(cfg.model)
+    check_max_length(plan.data, context_length(config))
+    check_family(cfg.model, config, bool(cfg.data.packing))
 
     skeleton = load_model(cfg.model, meta=True)  # structure only: checks targets in milliseconds
     heads = head_modules(skeleton, cfg.model.task)
@@ -174,6 +179,8 @@ def set_up(cfg: DictConfig) -> Setup:
     log.info("parameters: %s trainable of %s (%.3f%%); adapter=%s on %d modules", f"{trainable:,}",
              f"{total:,}", 100 * trainable / total, method.name, len(injection.targets))
     model.to(device)
+    if cfg.data.packing:
+        check_packing_exact(model)  # a family no table lists as leaking is proven not to, on these weights
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
     install_training_paths(model, cfg.trainer, cfg.model.task)

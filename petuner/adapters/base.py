@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
+from petuner.adapters.conv1d import to_conv1d, to_linear
 from petuner.schema import conform
 from petuner.train.hooks import Hook
 
@@ -55,6 +56,8 @@ class Injection:
 
 class AdapterLayer(nn.Module, ABC):
     """A frozen ``nn.Linear`` plus an adapter's own parameters."""
+
+    fan_in_fan_out = False  # the model's layer was a Conv1D (W stored in × out): unload gives one back
 
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__()
@@ -156,8 +159,11 @@ class AdapterMethod(ABC):
         targets = self.select_targets(model, exclude=head_modules)
         model.requires_grad_(False)
         for name in tqdm(targets, desc=f"adapter={self.name}", unit="layer", disable=None):
-            base = model.get_submodule(name)
-            set_submodule(model, name, self.make_layer(base if self.device is None else base.to(self.device)))
+            original = model.get_submodule(name)
+            base = to_linear(original)  # a Conv1D as the equivalent nn.Linear: one layout for every method
+            layer = self.make_layer(base if self.device is None else base.to(self.device))
+            layer.fan_in_fan_out = base is not original
+            set_submodule(model, name, layer)
         for _, layer in adapter_layers(model):
             for p in layer.adapter_parameters():
                 p.requires_grad_(True)
@@ -199,9 +205,11 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every adapter layer by its base Linear (merged first unless ``merge=False``)."""
+    """Replace every adapter layer by its base layer (merged first unless ``merge=False``): an ``nn.Linear``,
+    or the Conv1D the model had there."""
     for name, layer in list(adapter_layers(model)):
-        set_submodule(model, name, layer.to_linear() if merge else layer.base_layer)
+        base = layer.to_linear() if merge else layer.base_layer
+        set_submodule(model, name, to_conv1d(base) if layer.fan_in_fan_out else base)
     return model
 
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from petuner.adapters.base import AdapterSchema, Injection
 from petuner.adapters.capabilities import PreparesFromData, QuantizedBase
+from petuner.adapters.conv1d import refuse_conv1d
 from petuner.adapters.lora import LoRABase, LoRABaseSchema
 from petuner.adapters.quantized_base import QuantizedBaseLoRA
 from petuner.adapters.registry import register_adapter
@@ -195,6 +196,12 @@ class LQLoRA(LoRABase, QuantizedBase, PreparesFromData):
     @property
     def allocation_grid(self) -> str:
         return self.cfg.allocation_grid
+
+    def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+        """LoRA's targets; Conv1D layers refused (the decomposition reads the stored weight before injection)."""
+        targets = super().select_targets(model, exclude)
+        refuse_conv1d(model, targets, "adapter=lq_lora")
+        return targets
 
     def configs(self) -> list[QuantConfig]:
         """The candidate quantization configs of every matrix: the grid with a budget, else bits/block_size."""

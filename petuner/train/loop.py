@@ -79,9 +79,10 @@ def labelled_items(batch: dict[str, torch.Tensor], kind: str) -> int:
 @torch.no_grad()
 def _eval_sums(model: nn.Module, data: DataBundle, dataset: Any, batch_size: int, device: torch.device,
                compute_dtype: torch.dtype | None) -> list[float]:
-    """[loss · items, items, correct] over one held-out set (items: labelled tokens, or examples).
+    """[loss · items, items, correct, aux_loss · items, items with an aux_loss] over one held-out set (items:
+    labelled tokens, or examples; aux_loss: a mixture of experts' router loss, when the output has one).
     Under torchrun each rank evaluates its shard and the sums are added over ranks."""
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     share, summed = distributed.eval_share(model, len(dataset))
     loader = DataLoader(share, batch_size=batch_size, collate_fn=lambda idx: data.collate([dataset[i] for i in idx]),
                         generator=_private_generator())
@@ -94,11 +95,16 @@ def _eval_sums(model: nn.Module, data: DataBundle, dataset: Any, batch_size: int
         sums[1] += n
         if data.kind == "classification":
             sums[2] += (out.logits.argmax(-1) == batch["labels"]).sum()
+        if getattr(out, "aux_loss", None) is not None:
+            sums[3:] += torch.stack([out.aux_loss.double() * n, torch.tensor(n, dtype=torch.float64, device=device)])
     return (distributed.sum_over_ranks(sums) if summed else sums).tolist()
 
 
-def _eval_metrics(kind: str, prefix: str, loss_sum: float, weight: float, correct: float) -> dict[str, float]:
+def _eval_metrics(kind: str, prefix: str, loss_sum: float, weight: float, correct: float, aux_sum: float = 0.0,
+                  aux_weight: float = 0.0) -> dict[str, float]:
     metrics = {f"{prefix}/loss": loss_sum / weight}
+    if aux_weight:
+        metrics[f"{prefix}/aux_loss"] = aux_sum / aux_weight
     if kind == "classification":
         metrics[f"{prefix}/accuracy"] = correct / weight
     else:
