@@ -121,7 +121,8 @@ class Setup:
 
 def install_training_paths(model: torch.nn.Module, trainer: DictConfig, task: str) -> None:
     """What ``trainer`` puts between the adapted model and the loss: the output path (labelled logits, chunked
-    loss), a mixture of experts' router loss, the lean SwiGLU, checkpointing, compilation. One function, so tests train through what runs do."""
+    loss), a mixture of experts' router loss, the lean SwiGLU, checkpointing, compilation. One function, so tests
+    train through what runs do."""
     install_output_path(model, trainer, task)
     route_losses(model)
     if trainer.lean_swiglu:
