@@ -22,6 +22,7 @@ from petuner import __version__
 from petuner.adapters import Injection, adapter_state_dict, inject
 from petuner.adapters.capabilities import OwnsOptimizerParameters, PreparesFromData, QuantizedBase
 from petuner.config import validate
+from petuner.continued import load_starting_weights
 from petuner.data import build_data
 from petuner.data.packing import attend_within_examples, pack_bundle
 from petuner.data.report import describe
@@ -38,6 +39,7 @@ from petuner.io import (
 )
 from petuner.manifest import write_manifest
 from petuner.models import context_length, head_modules, load_model, load_tokenizer, model_config, model_source
+from petuner.objectives.reference import build_reference
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import read_config
 from petuner.train import distributed
@@ -51,6 +53,7 @@ from petuner.train.lean_swiglu import lean_swiglu
 from petuner.train.logging import MetricsLog
 from petuner.train.loop import Loop, total_steps
 from petuner.train.memory import MemoryHook
+from petuner.train.objective import Objective
 from petuner.train.precision import adapter_dtype, check_precision, dtype_report, full_finetuning, upcast_trainable
 
 log = logging.getLogger(__name__)
@@ -112,6 +115,7 @@ class Setup:
     compute_dtype: torch.dtype | None
     run_dir: Path
     checkpoint: Path | None
+    objective: Objective
 
 
 def set_up(cfg: DictConfig) -> Setup:
@@ -138,7 +142,7 @@ def set_up(cfg: DictConfig) -> Setup:
     method.select_targets(skeleton, exclude=heads)
 
     tokenizer = load_tokenizer(cfg.model)
-    data = build_data(plan.data, tokenizer, cfg.model.task)
+    data = build_data(plan.data, tokenizer, cfg.model.task, check_kind=plan.objective.check_data_kind)
     if cfg.data.packing:
         data = pack_bundle(data, tokenizer, cfg.data.max_length, cfg.data.split_seed)
     log.info("data:\n%s", describe(data, tokenizer, examples=1))
@@ -152,6 +156,9 @@ def set_up(cfg: DictConfig) -> Setup:
             method.prepare(model, batches, exclude=heads)
     seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
     injection = inject(model, method, heads, adapter_dtype=adapter_dtype(cfg.model))
+    if cfg.get("init_from"):
+        load_starting_weights(model, str(cfg.init_from))
+        log.info("starting from the adapter of %s", cfg.init_from)
     if compute_dtype is not None and not full_finetuning(method):
         upcast_trainable(model, adapter_dtype(cfg.model))  # heads, biases: autocast handles the mixed dtypes
     trainable, total = count_parameters(model)
@@ -160,6 +167,8 @@ def set_up(cfg: DictConfig) -> Setup:
     model.to(device)
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
+    if plan.objective.needs_reference:
+        plan.objective.reference = build_reference(model, method, bool(cfg.get("init_from")), heads)
     install_output_path(model, cfg.trainer, cfg.model.task)
     if cfg.trainer.lean_swiglu:
         log.info("lean SwiGLU: %d MLPs save two of their three activations", lean_swiglu(model))
@@ -168,7 +177,7 @@ def set_up(cfg: DictConfig) -> Setup:
     if cfg.trainer.compile:
         compile_model(model)
     return Setup(model=model, method=method, data=data, injection=injection, device=device,
-                 compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint)
+                 compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint, objective=plan.objective)
 
 
 def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
@@ -214,7 +223,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           cfg.trainer.early_stopping_min_delta, enabled=bool(cfg.trainer.eval_every))
     loop = Loop(model=model, data=s.data, optimizer=optimizer, scheduler=scheduler,
                 scaler=scaler, hooks=[guard, *s.method.hooks(model), best, memory], cfg=cfg.trainer,
-                device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics, trained=trained)
+                device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics, trained=trained,
+                objective=s.objective)
     distributed.seed_rank(cfg.trainer.seed)  # after every seeded draw all ranks share: dropout differs per rank
     start = 0
     if s.checkpoint is not None:

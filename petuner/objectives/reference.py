@@ -1,0 +1,105 @@
+"""The reference model of DPO-style objectives, at no memory cost where the adapter allows.
+
+- An adapter that switches off (``SwitchesOff``): the same model, adapter off, under ``no_grad``.
+- A run continued from an SFT run (``init_from``): the policy starts from that adapter, and the
+  reference is that adapter frozen — the trainable tensors' starting values swapped in for the
+  reference's forward and the trained ones back after it (an adapter-sized copy, not a model).
+  Switching the adapter off there would give the bare base (LLaMA-Factory#913).
+- Full fine-tuning (``adapter=none``): a frozen copy of the model (one model's memory).
+- ``precompute_reference``: neither at training time; the batch carries the values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from petuner.adapters import adapter_layers
+from petuner.adapters.capabilities import SwitchesOff
+from petuner.errors import ConfigError
+from petuner.objectives.pairs import sequence_logps
+from petuner.train.precision import full_finetuning
+
+
+class SwitchedOff:
+    """The policy model with its adapter switched off."""
+
+    def __init__(self, model: nn.Module, method: SwitchesOff) -> None:
+        self.model, self.method = model, method
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.method.switched_off(self.model):
+            return sequence_logps(self.model, batch)[0]
+
+
+class StartingAdapter:
+    """The policy model with its trainable tensors at their values when training started."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.start = [p.detach().clone() for p in self.parameters]
+
+    @contextlib.contextmanager
+    def started(self) -> Iterator[None]:
+        trained = [p.detach().clone() for p in self.parameters]
+        with torch.no_grad():
+            torch._foreach_copy_(self.parameters, self.start)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.parameters, trained)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.started():
+            return sequence_logps(self.model, batch)[0]
+
+
+class FrozenCopy:
+    """A frozen copy of the whole model (full fine-tuning)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sequence_logps(self.model, batch)[0]
+
+
+def outside_adapter_layers(model: nn.Module, heads: list[str]) -> list[str]:
+    """Trainable parameters that no adapter layer owns (e.g. LoRA's bias=all): switching off keeps their training."""
+    owned = {id(p) for _, layer in adapter_layers(model) for p in layer.adapter_parameters()}
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and id(p) not in owned and not any(n.startswith(h + ".") for h in heads)]
+
+
+def check_switch(method: Any) -> None:
+    """Refuse, from the config alone, an adapter that gives no reference by switching off."""
+    if full_finetuning(method):
+        return
+    if not isinstance(method, SwitchesOff):
+        raise ConfigError(f"adapter={method.name} cannot switch itself off, so it gives no reference model; "
+                          "use loss=simpo or loss=orpo (reference-free), or another adapter")
+    refusal = method.switch_off_refusal()
+    if refusal:
+        raise ConfigError(refusal)
+
+
+def build_reference(model: nn.Module, method: Any, continued: bool, heads: list[str]) -> Any:
+    """The reference for this run's model and adapter (called after injection, before training)."""
+    if continued:
+        return StartingAdapter(model)
+    if full_finetuning(method):
+        return FrozenCopy(model)
+    check_switch(method)
+    outside = outside_adapter_layers(model, heads)
+    if outside:
+        raise ConfigError(f"adapter={method.name} also trains {outside[0]}, which switching the adapter off does "
+                          "not undo, so the reference would not be the model training starts from "
+                          "(set adapter.bias=none)")
+    return SwitchedOff(model, method)
