@@ -54,7 +54,12 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     """Each row's summed completion log-probability and its completion token count (one forward)."""
     with token_logps(model):
         per_position = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).loss
-    return per_position.sum(-1), (batch["labels"][:, 1:] != IGNORE).sum(-1).float()
+    return per_position.sum(-1), completion_tokens(batch)
+
+
+def completion_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's labelled next-token positions: its completion's length."""
+    return (batch["labels"][:, 1:] != IGNORE).sum(-1).float()
 
 
 Reference = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # batch -> the reference's summed logps (2B)
@@ -100,9 +105,11 @@ class PairObjective(RegisteredObjective):
         return float(self.cfg.get("rpo_alpha") or 0.0)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        sums, counts = sequence_logps(model, batch)
-        policy = Logps.of(sums, counts)
-        losses, chosen, rejected = self.pair_loss(policy, self.reference_logps(batch, counts))
+        # the reference first: a reference that swaps weights in place must not touch those the policy's
+        # graph has saved for its backward pass
+        reference = self.reference_logps(batch, completion_tokens(batch))
+        policy = Logps.of(*sequence_logps(model, batch))
+        losses, chosen, rejected = self.pair_loss(policy, reference)
         loss = losses.mean()
         if self.sft_weight():  # NLL of the chosen replies, mean over their tokens
             loss = loss - self.sft_weight() * policy.chosen.sum() / policy.chosen_tokens.sum()
