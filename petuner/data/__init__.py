@@ -183,8 +183,8 @@ def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kin
         check_kind(kind)  # the objective's word on this kind of data, before anything is tokenized
     if TASK_OF_KIND[kind] != task:
         raise ConfigError(f"data ({kind}) needs a {TASK_OF_KIND[kind]} model, but model.task={task}")
-    if kind not in columns.CONVERSATION_KINDS:
-        for k in ("train_on", "truncation", "system_prompt"):
+    if kind not in columns.CONVERSATION_KINDS:  # pairs are conversations whose completion always carries the loss
+        for k in ("train_on",) if kind == "preference" else ("train_on", "truncation", "system_prompt"):
             if src[k] != DEFAULTS[k]:
                 raise ConfigError(f"data.{k}={src[k]} applies to conversations, not to {kind} data ({where})")
     names = columns.label_names(raw) if kind == "classification" else []

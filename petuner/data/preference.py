@@ -13,8 +13,9 @@ turn-by-turn rendering as ``data=chat``), labelled on the completion's assistant
 side is stored in ``input_ids``/``labels`` (so counts and reports read it like any conversation), the
 rejected one in ``rejected_input_ids``/``rejected_labels``. A side over ``data.max_length`` is cut
 (``truncation=cut``), drops the pair (``drop_turns``: the pair has no turn to spare) or fails (``error``);
-a pair whose prompt leaves no completion token is dropped and counted. Pairs whose chosen and rejected
-replies are identical carry no preference: they are dropped, counted, and a warning says how many.
+a pair whose prompt leaves no completion token is refused, naming its row (TRL drops it silently). Pairs
+whose chosen and rejected replies are identical carry no preference: they are dropped, counted, and a
+warning says how many.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def completion(prompt: list[dict[str, str]], reply: list[dict[str, str]], tokeni
     if len(ids) > limit and cfg.truncation == "error":
         raise PetunerError(f"{fault}: {len(ids)} tokens exceed data.max_length={limit} "
                            "(data.truncation=error; use cut or drop_turns, or raise data.max_length)")
+    prompt = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
+    if prompt >= limit - 1:
+        raise PetunerError(f"{fault}: the prompt takes {prompt} tokens, so data.max_length={limit} leaves no "
+                           "completion token to compare (raise data.max_length, or shorten or drop the row)")
     return ids[:limit], labels[:limit], len(ids) > limit
 
 
