@@ -22,7 +22,7 @@ from petuner.run import run
 from petuner.train.labelled_logits import keep_labelled_logits
 from petuner.train.logging import read_metrics
 from tests.conftest import make_cfg
-from tests.helpers import lora_cfg, tiny_llama
+from tests.helpers import lora_cfg, pair_batch, tiny_llama
 
 QUESTIONS = [(f"What is {a} plus {b}?", str(a + b), str(a + b + 1 + (a + b) % 3)) for a in range(6) for b in range(6)]
 FORMS = {
@@ -98,8 +98,6 @@ def test_ties_are_dropped_with_a_count(tokenizer, tmp_path, caplog) -> None:
 def test_chunked_log_probabilities_and_their_gradients_equal_the_whole(trained_head: bool) -> None:
     """The output layer over chunks of 3 labelled positions, recomputed in backward, against one call over all
     of them (seen to fail with the chunk's targets offset by one)."""
-    from tests.test_preference_parity import pair_batch
-
     figures = []
     for chunk in (None, 3):
         model = tiny_llama()

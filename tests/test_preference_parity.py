@@ -17,32 +17,16 @@ import pytest
 import torch
 
 from petuner.adapters import adapter_layers, build_adapter, inject
-from petuner.data.preference import PairCollator
 from petuner.data.sft import IGNORE
 from petuner.objectives import build_objective
 from petuner.objectives.pairs import Logps, sequence_logps
 from petuner.objectives.reference import build_reference
-from tests.helpers import lora_cfg, tiny_llama
+from tests.helpers import lora_cfg, pair_batch, tiny_llama
 
 pytest.importorskip("trl")
 
-B, BETA = 3, 0.3
-
-
-def pair_batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    """B pairs of random tokens (a shared prompt, completions of different lengths) through petuner's collator."""
-    g = torch.Generator().manual_seed(seed)
-
-    def side(prompt: list[int], longest: int) -> tuple[list[int], list[int]]:
-        reply = torch.randint(3, 128, (int(torch.randint(2, longest, (1,), generator=g)),), generator=g).tolist()
-        return prompt + reply, [IGNORE] * len(prompt) + reply
-
-    rows = []
-    for n in torch.randint(3, 7, (B,), generator=g).tolist():
-        prompt = torch.randint(3, 128, (n,), generator=g).tolist()
-        (ids, labels), (r_ids, r_labels) = side(prompt, 6), side(prompt, 7)
-        rows.append({"input_ids": ids, "labels": labels, "rejected_input_ids": r_ids, "rejected_labels": r_labels})
-    return PairCollator(pad_token_id=2)(rows)
+BETA = 0.3
+B = 3  # pairs in helpers.pair_batch
 
 
 QV = ["q_proj", "v_proj"]
