@@ -39,7 +39,7 @@ from petuner.io import (
 )
 from petuner.manifest import write_manifest
 from petuner.models import context_length, head_modules, load_model, load_tokenizer, model_config, model_source
-from petuner.objectives.reference import build_reference
+from petuner.objectives.reference import build_reference, precompute_reference
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import read_config
 from petuner.train import distributed
@@ -167,9 +167,9 @@ def set_up(cfg: DictConfig) -> Setup:
     model.to(device)
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
-    if plan.objective.needs_reference:
-        plan.objective.reference = build_reference(model, method, bool(cfg.get("init_from")), heads)
     install_output_path(model, cfg.trainer, cfg.model.task)
+    if plan.objective.needs_reference:
+        set_reference(plan.objective, model, method, data, cfg, heads, device, compute_dtype)
     if cfg.trainer.lean_swiglu:
         log.info("lean SwiGLU: %d MLPs save two of their three activations", lean_swiglu(model))
     if cfg.trainer.gradient_checkpointing:
@@ -178,6 +178,16 @@ def set_up(cfg: DictConfig) -> Setup:
         compile_model(model)
     return Setup(model=model, method=method, data=data, injection=injection, device=device,
                  compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint, objective=plan.objective)
+
+
+def set_reference(objective: Any, model: torch.nn.Module, method: Any, data: Any, cfg: DictConfig, heads: list[str],
+                  device: torch.device, compute_dtype: torch.dtype | None) -> None:
+    """A preference objective's reference: precomputed over the data now, or a model to run at every step."""
+    if objective.cfg.get("precompute_reference"):
+        log.info("precomputing the reference's log-probabilities over %d + %d pairs", len(data.train), len(data.eval))
+        precompute_reference(model, data, cfg.trainer.eval_batch_size, device, compute_dtype)
+    else:
+        objective.reference = build_reference(model, method, bool(cfg.get("init_from")), heads)
 
 
 def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:

@@ -195,3 +195,16 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, trained_run, tmp_pat
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert re.search(message, err[len("error: "):]), err
     assert not list(private_cache.rglob("*.arrow"))  # nothing written
+
+
+def test_precomputed_reference_trains_exactly_as_the_switch(tmp_path) -> None:
+    """precompute_reference=true: the same losses and rewards as the reference run at every step (seen to fail
+    with the precomputed pair's chosen and rejected swapped)."""
+    path = pairs_file(tmp_path)
+    runs = [run(dpo_cfg(tmp_path / name, path, *extra)) for name, extra in
+            (("switch", ()), ("pre", ("loss.precompute_reference=true",)))]
+    losses = [[m["train/loss"] for m in read_metrics(tmp_path / name) if "train/loss" in m]
+              for name in ("switch", "pre")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and len(losses[0]) == 2
+    for key in ("eval/loss_after", "eval/rewards/margins_after", "eval/rewards/chosen_after"):
+        assert runs[0]["results"][key] == pytest.approx(runs[1]["results"][key], abs=1e-6)

@@ -80,7 +80,7 @@ class PairObjective(RegisteredObjective):
         if data.packing:
             raise ConfigError(f"data.packing=true packs single sequences; loss={self.name} trains on pairs "
                               "(set data.packing=false)")
-        if self.needs_reference and not continued:
+        if self.needs_reference and not continued and not self.cfg.get("precompute_reference"):
             from petuner.objectives.reference import check_switch
 
             check_switch(method)

@@ -6,7 +6,11 @@
   reference's forward and the trained ones back after it (an adapter-sized copy, not a model).
   Switching the adapter off there would give the bare base (LLaMA-Factory#913).
 - Full fine-tuning (``adapter=none``): a frozen copy of the model (one model's memory).
-- ``precompute_reference``: neither at training time; the batch carries the values.
+- ``precompute_reference``: the model as training starts (whatever the adapter) runs once over the
+  training and held-out pairs before the first step, and each pair carries its two values as a column;
+  no reference forward at training time, and no switch or copy needed. The values are kept with the
+  tokenized data in memory, not in the on-disk cache: they depend on the weights, which the cache's
+  key does not cover.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from petuner.adapters import adapter_layers
 from petuner.adapters.capabilities import SwitchesOff
 from petuner.errors import ConfigError
 from petuner.objectives.pairs import sequence_logps
+from petuner.train.device import autocast
+from petuner.train.loop import to_device
 from petuner.train.precision import full_finetuning
 
 
@@ -69,6 +75,35 @@ class FrozenCopy:
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sequence_logps(self.model, batch)[0]
+
+
+@torch.no_grad()
+def _reference_column(model: nn.Module, dataset: Any, collate: Any, batch_size: int, device: torch.device,
+                      compute_dtype: torch.dtype | None) -> Any:
+    values: list[list[float]] = []
+    for start in range(0, len(dataset), batch_size):
+        batch = to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
+        with autocast(device, compute_dtype):
+            sums, _ = sequence_logps(model, batch)
+        half = sums.shape[0] // 2
+        values += torch.stack([sums[:half], sums[half:]], dim=1).float().tolist()
+    return dataset.add_column("reference_logps", values)
+
+
+def precompute_reference(model: nn.Module, data: Any, batch_size: int, device: torch.device,
+                         compute_dtype: torch.dtype | None) -> None:
+    """Each pair's reference log-probabilities (chosen, rejected) as a column of every split, from ``model`` as it
+    is now (before training: the reference), in evaluation mode."""
+    from datasets import concatenate_datasets
+
+    was_training = model.training
+    model.eval()
+    data.train = _reference_column(model, data.train, data.collate, batch_size, device, compute_dtype)
+    data.evals = {name: _reference_column(model, held_out, data.collate, batch_size, device, compute_dtype)
+                  for name, held_out in data.evals.items()}
+    held_out = list(data.evals.values())
+    data.eval = concatenate_datasets(held_out) if len(held_out) > 1 else held_out[0]
+    model.train(was_training)
 
 
 def outside_adapter_layers(model: nn.Module, heads: list[str]) -> list[str]:
