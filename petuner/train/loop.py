@@ -191,6 +191,19 @@ class Loop:
                 self.step_metrics[key] = self.step_metrics.get(key, 0.0) + value.float() / total
         return loss_sum, tokens
 
+    def log_step(self, state: TrainState, tokens: int, seconds: float, lr: float,
+                 grad_norm: torch.Tensor) -> tuple[float, float]:
+        """Log the step's figures, summed over ranks (the objective's metrics too); returns loss and tokens."""
+        names = sorted(self.step_metrics)
+        loss, tokens_all, *figures = distributed.sum_over_ranks(torch.stack(
+            [state.loss.float(), torch.tensor(float(tokens), device=self.device),
+             *(self.step_metrics[k] for k in names)])).tolist()
+        state.metrics.update({f"train/{k}": v for k, v in zip(names, figures, strict=True)})
+        state.metrics.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": fsdp.local(grad_norm).item(),
+                              "train/tokens_per_s": tokens_all / seconds, "train/step_s": seconds})
+        self.metrics.log(state.metrics, state.step)
+        return loss, tokens_all
+
     def train(self, start_step: int = 0) -> dict[str, float]:
         cfg, model, optimizer = self.cfg, self.model, self.optimizer
         max_steps = self.total_steps()
@@ -231,15 +244,7 @@ class Loop:
 
                 seconds = time.perf_counter() - t0
                 if state.step % cfg.log_every == 0 or state.step == max_steps:  # the step's only reads of the device
-                    names = sorted(self.step_metrics)
-                    loss, tokens, *figures = distributed.sum_over_ranks(torch.stack(
-                        [state.loss.float(), torch.tensor(float(tokens), device=self.device),
-                         *(self.step_metrics[k] for k in names)])).tolist()
-                    state.metrics.update({f"train/{k}": v for k, v in zip(names, figures, strict=True)})
-                    state.metrics.update({"train/loss": loss, "train/lr": lr,
-                                          "train/grad_norm": fsdp.local(grad_norm).item(),
-                                          "train/tokens_per_s": tokens / seconds, "train/step_s": seconds})
-                    self.metrics.log(state.metrics, state.step)
+                    loss, tokens = self.log_step(state, tokens, seconds, lr, grad_norm)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
                 bar.update(1)
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < max_steps:
