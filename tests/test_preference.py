@@ -130,6 +130,17 @@ def test_dpo_step_zero_is_log_2_with_zero_rewards(tmp_path) -> None:
         assert first[f"train/{key}"] == 0.0 and info["results"][f"eval/{key}_before"] == 0.0
     assert info["results"]["eval/loss_before"] == pytest.approx(math.log(2), abs=1e-7)
     assert (tmp_path / "run" / "best" / "best.json").is_file()  # best/ follows eval/rewards/accuracies
+    assert_eval_reproduces(tmp_path / "run", info)
+
+
+def assert_eval_reproduces(run_dir: Path, info: dict) -> None:
+    """``petuner eval`` on the run's own data gives its final held-out figures (same objective, same reference)."""
+    from petuner.evaluate import evaluate_run
+
+    config = OmegaConf.load(run_dir / "config.yaml")
+    _, report = evaluate_run(run_dir, ["data=hf", f"data.path={config.data.path}", "data.eval_size=8"])
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/rejected"):
+        assert report[f"eval/{key}"] == pytest.approx(info["results"][f"eval/{key}_after"], abs=1e-5), key
 
 
 def test_sft_then_dpo_reference_is_the_sft_adapter(trained_run, tmp_path) -> None:
@@ -147,6 +158,7 @@ def test_sft_then_dpo_reference_is_the_sft_adapter(trained_run, tmp_path) -> Non
     assert saved.adapter == OmegaConf.load(trained_run / "config.yaml").adapter  # r=4 of the SFT run, not r=16
     sft = load_file(trained_run / "adapter.safetensors")
     assert set(load_file(tmp_path / "run" / "adapter.safetensors")) == set(sft)
+    assert_eval_reproduces(tmp_path / "run", info)
 
 
 def _bad(tmp: Path, trained_run: Path) -> dict[str, tuple[list[str], str]]:
