@@ -37,8 +37,9 @@ COMMON = ("model=smollm2_135m", "loss=dpo", "loss.beta=0.1", "adapter=lora", "ad
           "optimizer.lr=5e-4", "optimizer.warmup_steps=2", "trainer.seed=0")
 
 
-def build_pairs(path: Path, seed: int = 0) -> int:
-    """chatterbot's questions, each with its own answer chosen and another question's answer rejected."""
+def build_pairs(path: Path, seed: int = 0, conversational: bool = False) -> int:
+    """chatterbot's questions, each with its own answer chosen and another question's answer rejected (as
+    messages with ``conversational``: TRL renders only those with the chat template, as petuner renders all)."""
     from petuner.assets import resolve
     from petuner.data.sources import read_chatterbot
 
@@ -52,6 +53,8 @@ def build_pairs(path: Path, seed: int = 0) -> int:
         for row in rows:
             other = rng.choice([r for r in rows if r["response"] != row["response"]])
             pair = {"prompt": row["prompt"], "chosen": row["response"], "rejected": other["response"]}
+            if conversational:
+                pair = {k: [{"role": "user" if k == "prompt" else "assistant", "content": v}] for k, v in pair.items()}
             f.write(json.dumps(pair) + "\n")
     return len(rows)
 
@@ -182,7 +185,7 @@ def child_trl(pairs: Path, steps: int, batch: int, out: Path) -> dict[str, Any]:
 def vs_trl(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pairs = Path(tmp) / "pairs.jsonl"
-        build_pairs(pairs)
+        build_pairs(pairs, conversational=True)
         rows: dict[str, list[dict[str, Any]]] = {"petuner": [], "trl": []}
         for repeat in range(args.repeats):
             for who in rows:
