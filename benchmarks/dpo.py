@@ -88,7 +88,7 @@ def learn(args: argparse.Namespace) -> None:
         n = build_pairs(pairs)
         overrides = [*COMMON, f"data.path={pairs}", f"data.eval_size={args.eval_size}",
                      f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch_size}",
-                     f"trainer.eval_every={max(args.steps // 4, 1)}", f"run_dir={Path(tmp) / 'run'}"]
+                     f"trainer.eval_every={max(args.steps // 2, 1)}", f"run_dir={Path(tmp) / 'run'}"]
         start = time.perf_counter()
         info = run(compose_config(overrides))
         seconds = time.perf_counter() - start
@@ -221,13 +221,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="part", required=True)
     p = sub.add_parser("learn")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-size", type=int, default=64)
+    p.add_argument("--eval-size", type=int, default=48)
     p.add_argument("--answers", type=int, default=16)
     p.set_defaults(func=learn)
     v = sub.add_parser("vs-trl")
-    v.add_argument("--steps", type=int, default=6)
+    v.add_argument("--steps", type=int, default=4)
     v.add_argument("--batch-size", type=int, default=4)
     v.add_argument("--repeats", type=int, default=2)
     v.set_defaults(func=vs_trl)
