@@ -48,7 +48,7 @@ def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "ev
     from datasets import concatenate_datasets
 
     import petuner
-    from petuner.data import TASK_OF_KIND, build_data, source_configs
+    from petuner.data import TASKS_OF_KIND, build_data, source_configs
     from petuner.data.columns import prepare
     from petuner.data.sources import load_source
     from petuner.run_folder import folder_labels, folder_task
@@ -65,9 +65,9 @@ def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "ev
     for src in source_configs(data_cfg):  # checked on the rows, before any weights load
         dataset, where = load_source(src)
         kind = prepare(dataset, src.kind, where, src.columns)[1]
-        if TASK_OF_KIND[kind] != task:
-            raise ConfigError(f"data={report_name(data_cfg)} is {kind} data, for a {TASK_OF_KIND[kind]} model, "
-                              f"but {path} is a {task} model")
+        if task not in TASKS_OF_KIND[kind]:
+            raise ConfigError(f"data={report_name(data_cfg)} is {kind} data, for a "
+                              f"{' or '.join(TASKS_OF_KIND[kind])} model, but {path} is a {task} model")
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
     if kind == "preference":  # scored as the run trained: its objective and its reference
         loaded = load_run(path, trust_remote_code=trust_remote_code, **kwargs)
@@ -94,12 +94,12 @@ def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "ev
 def run_objective(loaded: Any) -> Any:
     """The run's own preference objective, to score held-out pairs (loss, rewards, reward accuracy)."""
     from petuner.objectives import build_objective
-    from petuner.objectives.pairs import PairObjective
+    from petuner.objectives.pairs import Pairs
 
     loss = loaded.cfg.get("loss") or {"name": "sft"}
     objective = build_objective({k: v for k, v in loss.items() if k != "precompute_reference"})
-    if not isinstance(objective, PairObjective):
-        raise ConfigError(f"preference pairs score a run trained with a preference loss (dpo, simpo, orpo); "
+    if not isinstance(objective, Pairs):
+        raise ConfigError(f"preference pairs score a run trained with a preference loss (dpo, simpo, orpo, reward); "
                           f"this run trained with loss={loss['name']}")
     return objective
 

@@ -24,7 +24,7 @@ from petuner.data import classification, columns, preference, sft, text
 from petuner.data.cache import cached_map, tokenizer_hash
 from petuner.data.mixture import mix
 from petuner.data.report import loss_per_row, split_stats
-from petuner.data.schema import KINDS, TASK_OF_KIND
+from petuner.data.schema import KINDS, TASKS_OF_KIND
 from petuner.data.sources import ALL_FORMATS, load_source
 from petuner.errors import ConfigError, PetunerError
 
@@ -83,8 +83,9 @@ def _check_source(src: DictConfig, where: str, task: str | None) -> None:
         raise ConfigError(f"{where}.format={src.format!r}: allowed: {', '.join(ALL_FORMATS)}")
     if src.kind not in (*KINDS, "auto"):
         raise ConfigError(f"{where}.kind={src.kind!r}: allowed: auto, {', '.join(KINDS)}")
-    if src.kind != "auto" and task is not None and TASK_OF_KIND[src.kind] != task:
-        raise ConfigError(f"{where}.kind={src.kind} needs a {TASK_OF_KIND[src.kind]} model, but model.task={task}")
+    if src.kind != "auto" and task is not None and task not in TASKS_OF_KIND[src.kind]:
+        raise ConfigError(f"{where}.kind={src.kind} needs a {' or '.join(TASKS_OF_KIND[src.kind])} model, "
+                          f"but model.task={task}")
     size = src.eval_size
     if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
         raise ConfigError(f"{where}.eval_size={size!r}: a fraction in (0, 1) or a count >= 1")
@@ -181,13 +182,15 @@ def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kin
     raw, kind, form = columns.prepare(raw, src.kind, where, src.columns)
     if check_kind is not None:
         check_kind(kind)  # the objective's word on this kind of data, before anything is tokenized
-    if TASK_OF_KIND[kind] != task:
-        raise ConfigError(f"data ({kind}) needs a {TASK_OF_KIND[kind]} model, but model.task={task}")
+    if task not in TASKS_OF_KIND[kind]:
+        raise ConfigError(f"data ({kind}) needs a {' or '.join(TASKS_OF_KIND[kind])} model, but model.task={task}")
     if kind not in columns.CONVERSATION_KINDS:  # pairs are conversations whose completion always carries the loss
         for k in ("train_on",) if kind == "preference" else ("train_on", "truncation", "system_prompt"):
             if src[k] != DEFAULTS[k]:
                 raise ConfigError(f"data.{k}={src[k]} applies to conversations, not to {kind} data ({where})")
     names = columns.label_names(raw) if kind == "classification" else []
+    if task == "seq_cls" and kind == "preference":
+        names = ["reward"]  # a reward model: one output, its score
     splits, report = {}, {"kind": kind, "where": where, "weight": float(src.weight)}
     for split, rows in _split(raw, src, where).items():
         splits[split], report[split] = _finish(_tokenize(rows, kind, form, tokenizer, src, names, key, where), kind,

@@ -14,8 +14,9 @@ from petuner.errors import ConfigError
 from petuner.schema import checked, choice, flag, number
 
 KINDS = ("chat", "sft", "text", "classification", "preference")
-TASK_OF_KIND = {"chat": "causal_lm", "sft": "causal_lm", "text": "causal_lm", "classification": "seq_cls",
-                "preference": "causal_lm"}
+# The model tasks each kind of data trains (preference pairs: a policy, or a reward model's classifier).
+TASKS_OF_KIND = {"chat": ("causal_lm",), "sft": ("causal_lm",), "text": ("causal_lm",),
+                 "classification": ("seq_cls",), "preference": ("causal_lm", "seq_cls")}
 
 
 

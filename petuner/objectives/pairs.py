@@ -65,21 +65,46 @@ def completion_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 Reference = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # batch -> the reference's summed logps (2B)
 
 
-class PairObjective(RegisteredObjective):
-    """A preference objective: ``pair_loss`` is all a subclass writes."""
+class Pairs(RegisteredObjective):
+    """What every objective on preference pairs shares: the pair counts, the checks, the evaluation sums."""
 
     data_kinds: ClassVar[tuple[str, ...]] = ("preference",)
     measures: ClassVar[tuple[str, ...]] = PREFERENCE_METRICS
-    reference: Reference | None = None  # set by the run where ``needs_reference``
+    metrics: ClassVar[tuple[str, ...]] = METRICS  # what it logs and evaluates, summed over pairs
+    task: ClassVar[str] = "causal_lm"  # the model task it trains
+    task_note: ClassVar[str] = "a causal language model on preference pairs"
 
     def check_run(self, task: str, method: Any, data: Any, continued: bool) -> None:
-        if task != "causal_lm":
-            raise ConfigError(f"loss={self.name} trains a causal language model on preference pairs, but "
-                              f"model.task={task}; use model.task=causal_lm (a causal LM model config)")
+        if task != self.task:
+            raise ConfigError(f"loss={self.name} trains {self.task_note}, but model.task={task}; "
+                              f"use a model config with task: {self.task}")
         super().check_run(task, method, data, continued)
         if data.packing:
             raise ConfigError(f"data.packing=true packs single sequences; loss={self.name} trains on pairs "
                               "(set data.packing=false)")
+
+    def items(self, batch: dict[str, torch.Tensor], kind: str) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def eval_keys(self, kind: str) -> tuple[str, ...]:
+        return ("loss", "items", *self.metrics)
+
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+        loss, sums = self.loss(model, batch)
+        pairs = self.items(batch, kind)
+        return {"loss": loss.double() * pairs, "items": torch.tensor(float(pairs), dtype=torch.float64), **sums}
+
+    def eval_metrics(self, kind: str, prefix: str, sums: dict[str, float]) -> dict[str, float]:
+        return {f"{prefix}/{key}": sums[key] / sums["items"] for key in ("loss", *self.metrics)}
+
+
+class PairObjective(Pairs):
+    """A policy objective on pairs (DPO, SimPO, ORPO): ``pair_loss`` is all a subclass writes."""
+
+    reference: Reference | None = None  # set by the run where ``needs_reference``
+
+    def check_run(self, task: str, method: Any, data: Any, continued: bool) -> None:
+        super().check_run(task, method, data, continued)
         if self.needs_reference and not continued and not self.cfg.get("precompute_reference"):
             from petuner.objectives.reference import check_switch
 
@@ -88,9 +113,6 @@ class PairObjective(RegisteredObjective):
     @abstractmethod
     def pair_loss(self, policy: Logps, reference: Logps | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss per pair, chosen rewards, rejected rewards), B each."""
-
-    def items(self, batch: dict[str, torch.Tensor], kind: str) -> int:
-        return batch["input_ids"].shape[0] // 2
 
     def reference_logps(self, batch: dict[str, torch.Tensor], counts: torch.Tensor) -> Logps | None:
         if not self.needs_reference:
@@ -114,17 +136,6 @@ class PairObjective(RegisteredObjective):
         if self.sft_weight():  # NLL of the chosen replies, mean over their tokens
             loss = loss - self.sft_weight() * policy.chosen.sum() / policy.chosen_tokens.sum()
         return loss, metric_sums(policy, chosen.detach(), rejected.detach())
-
-    def eval_keys(self, kind: str) -> tuple[str, ...]:
-        return ("loss", "items", *METRICS)
-
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-        loss, sums = self.loss(model, batch)
-        pairs = self.items(batch, kind)
-        return {"loss": loss.double() * pairs, "items": torch.tensor(float(pairs), dtype=torch.float64), **sums}
-
-    def eval_metrics(self, kind: str, prefix: str, sums: dict[str, float]) -> dict[str, float]:
-        return {f"{prefix}/{key}": sums[key] / sums["items"] for key in ("loss", *METRICS)}
 
 
 def metric_sums(policy: Logps, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:

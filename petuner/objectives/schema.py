@@ -42,4 +42,4 @@ class RegisteredObjective(Objective):
                               f"rejected}} rows), but the data is of kind {kind}")
         if not self.data_kinds and kind == "preference":
             raise ConfigError("the data holds preference pairs (chosen, rejected): train them with loss=dpo, "
-                              f"simpo or orpo, not loss={self.name}")
+                              f"simpo, orpo or reward, not loss={self.name}")
