@@ -4,13 +4,15 @@ code on the same tiny Llama, the same batch and the same β, in fp32.
 DPO goes through ``DPOTrainer._compute_loss`` itself (its concatenated forward, its reference by peft's
 adapter switch, its loss formulas and metrics) on a peft LoRA holding the same weights as petuner's LoRA;
 SimPO and ORPO through ``CPOTrainer.cpo_loss`` / ``ORPOTrainer.odds_ratio_loss`` and their
-``get_batch_logps`` on the same logits. Each test was seen to fail with the formula planted wrong
+``get_batch_logps`` on the same logits; the reward model through ``RewardTrainer.compute_loss``. Each
+test was seen to fail with the formula planted wrong
 (sigmoid without β; IPO summed instead of averaged per token; robust's flipped term's sign; SimPO's γ
 not divided out; ORPO's log1mexp on sums).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
@@ -173,3 +175,45 @@ def test_simpo_and_orpo_match_trl() -> None:
     torch.testing.assert_close(ours_losses, -losses, atol=1e-5, rtol=0)  # TRL returns the term it subtracts
     torch.testing.assert_close(ours_chosen, chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours_rejected, rejected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("margin, center", [(0.0, None), (0.3, 0.01)])
+def test_reward_model_matches_trl_rewardtrainer(margin: float, center: float | None) -> None:
+    """A scalar-headed Llama classifier with LoRA and its head trained: petuner's loss and its gradients
+    against RewardTrainer.compute_loss on the same model and batch (seen to fail with the margin added)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from trl import RewardTrainer
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=64, num_labels=1, pad_token_id=2))
+    inject(model, build_adapter(lora_cfg()), ["score"])
+    randomised(model, seed=4)
+    batch = pair_batch(seed=5)
+    objective = build_objective({"name": "reward", "margin": margin, "center_rewards_coefficient": center})
+    figures = []
+    for compute in ("ours", "trl"):
+        model.zero_grad()
+        if compute == "ours":
+            loss, sums = objective.loss(model, batch)
+        else:
+            fake = SimpleNamespace(model=model, args=SimpleNamespace(center_rewards_coefficient=center),
+                                   accelerator=SimpleNamespace(gather=lambda t: t, gather_for_metrics=lambda t: t),
+                                   _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            if margin:
+                inputs["margin"] = torch.full((B,), margin)
+            loss = RewardTrainer.compute_loss(fake, model, inputs)
+            sums = {"rewards/accuracies": torch.tensor(fake._metrics["train"]["accuracy"][-1] * B),
+                    "rewards/margins": torch.tensor(fake._metrics["train"]["margin"][-1] * B)}
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        figures.append((loss.detach(), sums, grads))
+    (ours, our_sums, our_grads), (theirs, their_sums, their_grads) = figures
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    for key in ("rewards/accuracies", "rewards/margins"):
+        assert abs(our_sums[key].item() - their_sums[key].item()) < 1e-5 * B, key
+    assert any("score" in n for n in our_grads) and all(g.abs().sum() > 0 for g in our_grads.values())
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], atol=1e-5, rtol=0)
