@@ -139,7 +139,10 @@ def assert_eval_reproduces(run_dir: Path, info: dict) -> None:
 
     config = OmegaConf.load(run_dir / "config.yaml")
     _, report = evaluate_run(run_dir, ["data=hf", f"data.path={config.data.path}", "data.eval_size=8"])
-    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/rejected"):
+    keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/rejected")
+            if f"eval/{k}_after" in info["results"]]
+    assert len(keys) >= 4
+    for key in keys:
         assert report[f"eval/{key}"] == pytest.approx(info["results"][f"eval/{key}_after"], abs=1e-5), key
 
 
@@ -190,6 +193,8 @@ def _bad(tmp: Path, trained_run: Path) -> dict[str, tuple[list[str], str]]:
         "pairs with loss=sft": (["data=hf", f"data.path={good}", "loss=sft"], r"train them with loss=dpo, simpo"),
         "smoothing with hinge": ([*pairs, "loss.loss_type=hinge", "loss.label_smoothing=0.1"],
                                  r"loss.label_smoothing=0.1 applies to loss.loss_type=sigmoid or robust, not hinge"),
+        "reward on a causal LM": (["data=hf", f"data.path={good}", "loss=reward"],
+                                  r"loss=reward trains a sequence classifier with one output .* model.task=causal_lm"),
         "metric not measured": ([*pairs, "objective=eval/perplexity"],
                                 r"objective=eval/perplexity is not measured .* with loss=dpo; allowed: eval/loss, "),
     }
@@ -220,3 +225,25 @@ def test_precomputed_reference_trains_exactly_as_the_switch(tmp_path) -> None:
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) and len(losses[0]) == 2
     for key in ("eval/loss_after", "eval/rewards/margins_after", "eval/rewards/chosen_after"):
         assert runs[0]["results"][key] == pytest.approx(runs[1]["results"][key], abs=1e-6)
+
+
+def test_reward_model_trains_exports_as_a_classifier_and_scores_pairs(tmp_path) -> None:
+    """loss=reward on a seq_cls model: one output, its head trained with the adapter; the merged export is a
+    transformers sequence classifier giving the run's scores; petuner eval reproduces its held-out figures."""
+    from transformers import AutoModelForSequenceClassification
+
+    import petuner
+
+    run_dir = tmp_path / "run"
+    info = run(make_cfg(run_dir, "model=tiny_bert", "loss=reward", "data=hf", f"data.path={pairs_file(tmp_path)}",
+                        "data.eval_size=8", "trainer.max_steps=2", "trainer.save_every=null", "export=merged",
+                        "objective=eval/rewards/accuracies"))
+    assert info["label_names"] == ["reward"] and info["head_modules"]
+    assert_eval_reproduces(run_dir, info)
+    exported = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "export-merged")).eval()
+    model, tokenizer = petuner.load(run_dir)
+    batch = tokenizer(["What is 2 plus 3? 5", "What is 2 plus 3? 6"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        scores = exported(**batch).logits
+        assert scores.shape == (2, 1)
+        torch.testing.assert_close(scores, model(**batch).logits, atol=1e-5, rtol=0)
