@@ -247,3 +247,25 @@ def test_reward_model_trains_exports_as_a_classifier_and_scores_pairs(tmp_path) 
         scores = exported(**batch).logits
         assert scores.shape == (2, 1)
         torch.testing.assert_close(scores, model(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_columns_mixtures_and_the_cache_serve_pairs(tokenizer, tmp_path, private_cache, monkeypatch) -> None:
+    """Pairs under other column names (data.columns), mixed with another pair source, tokenized once: the
+    second build reads the cache and gives the same examples."""
+    renamed = pairs_file(tmp_path, rows=[{"question": q, "good": c, "bad": r} for q, c, r in QUESTIONS], name="qa")
+    cfg = data_cfg(tmp_path, sources=[
+        {"name": "qa", "path": str(renamed), "columns": {"prompt": "question", "chosen": "good", "rejected": "bad"}},
+        {"name": "conv", "path": str(pairs_file(tmp_path)), "weight": 0.5}], mix="concat", stopping_strategy=
+        "first_exhausted", train_on="assistant", truncation="drop_turns")
+    first = build_data(cfg, tokenizer, "causal_lm")
+    cached = sorted(p.name for p in private_cache.glob("preference-*.arrow"))
+    assert len(cached) == 4 and first.kind == "preference"  # two sources × two splits
+    assert len(first.train) == (len(QUESTIONS) - 4) + (len(QUESTIONS) - 4) // 2 and set(first.evals) == {"qa", "conv"}
+    from petuner.data import preference
+
+    calls: list[int] = []
+    real = preference.completion
+    monkeypatch.setattr(preference, "completion", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = build_data(cfg, tokenizer, "causal_lm")
+    assert not calls and sorted(p.name for p in private_cache.glob("preference-*.arrow")) == cached
+    assert again.train[:] == first.train[:]
