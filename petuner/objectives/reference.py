@@ -53,12 +53,16 @@ class StartingAdapter:
 
     @contextlib.contextmanager
     def started(self) -> Iterator[None]:
+        """The starting values in place, and no dropout in the frozen adapter (TRL's disable_dropout)."""
         trained = [p.detach().clone() for p in self.parameters]
+        was_training = self.model.training
         with torch.no_grad():
             torch._foreach_copy_(self.parameters, self.start)
+        self.model.eval()
         try:
             yield
         finally:
+            self.model.train(was_training)
             with torch.no_grad():
                 torch._foreach_copy_(self.parameters, trained)
 
@@ -71,7 +75,7 @@ class FrozenCopy:
     """A frozen copy of the whole model (full fine-tuning)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sequence_logps(self.model, batch)[0]
