@@ -125,12 +125,12 @@ def validate(cfg: DictConfig) -> Plan:
     check_trainer_combination(checked["trainer"])
     task = checked["model"].task
     objective.check_run(task, method, checked["data"], continued=bool(cfg.get("init_from")))
-    if cfg.objective not in DIRECTIONS:
-        raise ConfigError(f"objective={cfg.objective!r}: allowed: {', '.join(DIRECTIONS)}")
+    if cfg.objective not in DIRECTIONS:  # the metrics this loss measures on any task
+        raise ConfigError(f"objective={cfg.objective!r}: allowed: {', '.join(objective.measures)}")
     measured = [m for m in objective.measures if m in TASK_METRICS[task]]
-    if cfg.objective not in measured:
-        raise ConfigError(f"objective={cfg.objective} is not measured for model.task={task} with loss={objective.name}"
-                          f"; allowed: {', '.join(measured)}")
+    if cfg.objective not in measured:  # loss=dpo: the rewards, not perplexity
+        raise ConfigError(f"objective={cfg.objective} is not measured for model.task={task}; "
+                          f"allowed: {', '.join(measured)}")
     if cfg.get("export") not in EXPORTS:
         raise ConfigError(f"export={cfg.export!r}: allowed: null, merged, peft")
     return Plan(method=method, data=checked["data"], objective=objective)
