@@ -117,7 +117,8 @@ def _data(args: argparse.Namespace) -> None:
     plan = validate(cfg)
     check_max_length(plan.data, context_length(model_config(cfg.model)))
     tokenizer = load_tokenizer(cfg.model)
-    print(describe(build_data(plan.data, tokenizer, cfg.model.task), tokenizer, args.examples))
+    data = build_data(plan.data, tokenizer, cfg.model.task, check_kind=plan.objective.check_data_kind)
+    print(describe(data, tokenizer, args.examples))
 
 
 def _init(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ from petuner import __version__
 from petuner.adapters import Injection, adapter_state_dict, inject
 from petuner.adapters.capabilities import OwnsOptimizerParameters, PreparesFromData, QuantizedBase
 from petuner.config import validate
+from petuner.continued import load_starting_weights
 from petuner.data import build_data
 from petuner.data.packing import attend_within_examples, check_packing_exact, pack_bundle
 from petuner.data.report import describe
@@ -39,6 +40,7 @@ from petuner.io import (
 )
 from petuner.manifest import write_manifest
 from petuner.models import context_length, head_modules, load_model, load_tokenizer, model_config, model_source
+from petuner.objectives.reference import build_reference, precompute_reference
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import read_config
 from petuner.train import distributed
@@ -52,6 +54,7 @@ from petuner.train.lean_swiglu import lean_swiglu
 from petuner.train.logging import MetricsLog
 from petuner.train.loop import Loop, total_steps
 from petuner.train.memory import MemoryHook
+from petuner.train.objective import Objective
 from petuner.train.precision import adapter_dtype, check_precision, dtype_report, full_finetuning, upcast_trainable
 from petuner.train.resume import check_length, check_unchanged, follow_schedule
 from petuner.train.router_loss import route_losses
@@ -117,6 +120,7 @@ class Setup:
     compute_dtype: torch.dtype | None
     run_dir: Path
     checkpoint: Path | None
+    objective: Objective
 
 
 def install_training_paths(model: torch.nn.Module, trainer: DictConfig, task: str) -> None:
@@ -159,7 +163,7 @@ def set_up(cfg: DictConfig) -> Setup:
     method.select_targets(skeleton, exclude=heads)
 
     tokenizer = load_tokenizer(cfg.model)
-    data = build_data(plan.data, tokenizer, cfg.model.task)
+    data = build_data(plan.data, tokenizer, cfg.model.task, check_kind=plan.objective.check_data_kind)
     if cfg.data.packing:
         data = pack_bundle(data, tokenizer, cfg.data.max_length, cfg.data.split_seed)
     log.info("data:\n%s", describe(data, tokenizer, examples=1))
@@ -174,6 +178,9 @@ def set_up(cfg: DictConfig) -> Setup:
             method.prepare(model, batches, exclude=heads)
     seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
     injection = inject(model, method, heads, adapter_dtype=adapter_dtype(cfg.model))
+    if cfg.get("init_from"):
+        load_starting_weights(model, str(cfg.init_from))
+        log.info("starting from the adapter of %s", cfg.init_from)
     if compute_dtype is not None and not full_finetuning(method):
         upcast_trainable(model, adapter_dtype(cfg.model))  # heads, biases: autocast handles the mixed dtypes
     trainable, total = count_parameters(model)
@@ -185,8 +192,20 @@ def set_up(cfg: DictConfig) -> Setup:
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
     install_training_paths(model, cfg.trainer, cfg.model.task)
+    if plan.objective.needs_reference:  # after the paths: the reference scores through the same output path
+        set_reference(plan.objective, model, method, data, cfg, heads, device, compute_dtype)
     return Setup(model=model, method=method, data=data, injection=injection, device=device,
-                 compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint)
+                 compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint, objective=plan.objective)
+
+
+def set_reference(objective: Any, model: torch.nn.Module, method: Any, data: Any, cfg: DictConfig, heads: list[str],
+                  device: torch.device, compute_dtype: torch.dtype | None) -> None:
+    """A preference objective's reference: precomputed over the data now, or a model to run at every step."""
+    if objective.cfg.get("precompute_reference"):
+        log.info("precomputing the reference's log-probabilities over %d + %d pairs", len(data.train), len(data.eval))
+        precompute_reference(model, data, cfg.trainer.eval_batch_size, device, compute_dtype)
+    else:
+        objective.reference = build_reference(model, method, bool(cfg.get("init_from")), heads)
 
 
 def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
@@ -234,7 +253,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           cfg.trainer.early_stopping_min_delta, enabled=bool(cfg.trainer.eval_every))
     loop = Loop(model=model, data=s.data, optimizer=optimizer, scheduler=scheduler,
                 scaler=scaler, hooks=[guard, *s.method.hooks(model), best, memory], cfg=cfg.trainer,
-                device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics, trained=trained)
+                device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics, trained=trained,
+                objective=s.objective)
     distributed.seed_rank(cfg.trainer.seed)  # after every seeded draw all ranks share: dropout differs per rank
     start = 0
     if s.checkpoint is not None:

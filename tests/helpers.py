@@ -10,6 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from petuner.config import compose_config
+from petuner.data.preference import PairCollator
+from petuner.data.sft import IGNORE
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -43,6 +45,22 @@ def shipped_cfg(group: str, name: str, /, *overrides: str, **values: Any) -> Dic
 def batches(n: int, vocab: int = 128, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (4, 16), generator=g) for _ in range(n)]
+
+
+def pair_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Three pairs of random tokens (a shared prompt, completions of different lengths) through petuner's collator."""
+    g = torch.Generator().manual_seed(seed)
+
+    def side(prompt: list[int], longest: int) -> tuple[list[int], list[int]]:
+        reply = torch.randint(3, 128, (int(torch.randint(2, longest, (1,), generator=g)),), generator=g).tolist()
+        return prompt + reply, [IGNORE] * len(prompt) + reply
+
+    rows = []
+    for n in torch.randint(3, 7, (3,), generator=g).tolist():
+        prompt = torch.randint(3, 128, (n,), generator=g).tolist()
+        (ids, labels), (r_ids, r_labels) = side(prompt, 6), side(prompt, 7)
+        rows.append({"input_ids": ids, "labels": labels, "rejected_input_ids": r_ids, "rejected_labels": r_labels})
+    return PairCollator(pad_token_id=2)(rows)
 
 
 def train(model, optimizer, data) -> list[float]:

@@ -259,3 +259,44 @@ def test_layers_are_built_on_the_training_device_one_matrix_at_a_time(name: str)
 @pytest.mark.parametrize("name", ["lora_pissa", "svfit", "loldu", "qlora"])
 def test_layers_are_prepared_on_a_cuda_device_one_matrix_at_a_time(name: str) -> None:
     check_built_on_device(name, torch.device("cuda"))
+
+
+# Methods that cannot be DPO's reference by switching off, and why (their one-line refusal).
+NO_SWITCH = {"lq_lora": "adapter=lq_lora starts from non-zero factors"}
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_three_dpo_steps_with_the_reference_from_the_switch(name: str) -> None:
+    """Every method trains DPO with the reference its switch gives (full fine-tuning: a frozen copy): the
+    first loss is log 2 (the switched-off model is the starting one), the loss falls, and switching off and
+    on again leaves the trained model's outputs bit-identical."""
+    import math
+
+    from petuner.errors import ConfigError
+    from petuner.objectives import build_objective
+    from petuner.objectives.reference import build_reference
+    from tests.helpers import pair_batch
+
+    model, method = tiny_llama(), build_adapter(row_cfg(name))
+    inject(model, method)
+    if name in NO_SWITCH:
+        with pytest.raises(ConfigError, match=NO_SWITCH[name]):
+            build_reference(model, method, continued=False, heads=[])
+        return
+    objective = build_objective({"name": "dpo", "beta": 0.5})
+    objective.reference = build_reference(model, method, continued=False, heads=[])
+    optimizer = torch.optim.AdamW(trainable_parameters(model).values(), lr=1e-2)
+    batch, losses = pair_batch(), []
+    for _ in range(3):
+        loss, _ = objective.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5) and losses[2] < losses[0] - 1e-3
+    with torch.no_grad():
+        trained = model(input_ids=IDS).logits
+        if name != "none":
+            with method.switched_off(model):
+                assert not torch.allclose(model(input_ids=IDS).logits, trained)
+        assert torch.equal(model(input_ids=IDS).logits, trained)

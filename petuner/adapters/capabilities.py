@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from petuner.adapters.base import disabled_adapters
 
 
 class RankDynamic(ABC):
@@ -70,3 +73,18 @@ class PeftNative(ABC):
     def peft_model(self, model: nn.Module, task: str, head_modules: Sequence[str], base_model: str | None,
                    load_base: Callable[[], nn.Module]) -> Any:
         """A ``peft.PeftModel`` over ``load_base()`` holding ``model``'s trained adapter."""
+
+
+class SwitchesOff(ABC):  # noqa: B024 (a capability with working defaults: a method opts in by deriving)
+    """A method whose adapter switches off to the model it started from (its layers' ``disabled`` state): a
+    preference objective's reference model at no memory cost, the same weights with the adapter off."""
+
+    def switch_off_refusal(self) -> str | None:
+        """Why this configuration cannot switch off to its starting model; None when it can."""
+        return None
+
+    @contextlib.contextmanager
+    def switched_off(self, model: nn.Module) -> Iterator[None]:
+        """The model with every adapter layer off (merged ones unmerged), restored exactly on exit."""
+        with disabled_adapters(model):
+            yield

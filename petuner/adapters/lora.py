@@ -38,6 +38,7 @@ from petuner.adapters.base import (
     Injection,
     LoRAFactors,
 )
+from petuner.adapters.capabilities import SwitchesOff
 from petuner.adapters.registry import register_adapter
 from petuner.adapters.targets import check_rank_fits, match_targets
 from petuner.errors import ConfigError
@@ -216,7 +217,7 @@ def lora_targets(model: nn.Module, cfg: Any, exclude: Sequence[str] = ()) -> lis
     return targets
 
 
-class LoRAShaped(AdapterMethod):
+class LoRAShaped(AdapterMethod, SwitchesOff):
     """A base for methods whose layers are LoRA-shaped (LoRA itself, DyLoRA, SoRA): targets resolved and checked
     against r, and the peft form is a plain LoRA."""
 
@@ -250,6 +251,12 @@ class LoRABase(LoRAShaped):
 
     def peft_options(self) -> dict[str, Any]:
         return {**super().peft_options(), "use_rslora": self.cfg.scaling == "rslora", "bias": self.cfg.bias}
+
+    def switch_off_refusal(self) -> str | None:
+        if self.cfg.bias == "none":
+            return None
+        return (f"adapter.bias={self.cfg.bias} trains the base model's biases, which switching the adapter off "
+                "does not undo: no reference model (set adapter.bias=none, or use loss=simpo or loss=orpo)")
 
 
 @register_adapter

@@ -193,6 +193,10 @@ class LQLoRA(LoRABase, QuantizedBase, PreparesFromData):
         self._plan: dict[str, tuple[nn.Module, Decomposition, QuantConfig]] = {}
         self._report: dict[str, Any] = {}
 
+    def switch_off_refusal(self) -> str:
+        return ("adapter=lq_lora starts from non-zero factors over a quantized residual: switched off it is the "
+                "residual, not the model training starts from, so it cannot be the reference (use adapter=qlora)")
+
     @property
     def allocation_grid(self) -> str:
         return self.cfg.allocation_grid

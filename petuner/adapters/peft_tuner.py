@@ -36,7 +36,7 @@ from petuner.adapters.base import (
     adapter_layers,
     set_submodule,
 )
-from petuner.adapters.capabilities import PeftNative
+from petuner.adapters.capabilities import PeftNative, SwitchesOff
 from petuner.adapters.peft_form import PEFT_TASK_TYPES
 from petuner.adapters.registry import register_adapter
 from petuner.adapters.targets import match_parameters, match_targets
@@ -243,7 +243,7 @@ class PeftSchema(AdapterSchema):
 
 
 @register_adapter
-class PeftTuner(AdapterMethod, PeftNative):
+class PeftTuner(AdapterMethod, PeftNative, SwitchesOff):
     """``adapter=peft``: ``peft_type`` (a peft.PeftType name) and ``config`` (its config class's kwargs)."""
 
     name = "peft"

@@ -13,8 +13,10 @@ from petuner.data.sources import ALL_FORMATS
 from petuner.errors import ConfigError
 from petuner.schema import checked, choice, flag, number
 
-KINDS = ("chat", "sft", "text", "classification")
-TASK_OF_KIND = {"chat": "causal_lm", "sft": "causal_lm", "text": "causal_lm", "classification": "seq_cls"}
+KINDS = ("chat", "sft", "text", "classification", "preference")
+# The model tasks each kind of data trains (preference pairs: a policy, or a reward model's classifier).
+TASKS_OF_KIND = {"chat": ("causal_lm",), "sft": ("causal_lm",), "text": ("causal_lm",),
+                 "classification": ("seq_cls",), "preference": ("causal_lm", "seq_cls")}
 
 
 

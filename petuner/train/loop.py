@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,14 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from petuner.data import DataBundle
-from petuner.data.sft import IGNORE
 from petuner.train import distributed, fsdp
 from petuner.train.checkpoint import save_checkpoint
 from petuner.train.device import autocast, peak_memory
 from petuner.train.hooks import Hook, TrainState
 from petuner.train.logging import MetricsLog
+from petuner.train.objective import Objective, labelled_items
+
+__all__ = ["Loop", "batches_per_epoch", "evaluate", "labelled_items", "total_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -68,63 +70,41 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def labelled_items(batch: dict[str, torch.Tensor], kind: str) -> int:
-    """What a batch's loss averages over: its examples (classification) or its labelled next-token
-    positions (labels after the shift that are not IGNORE; true of packed rows too). Counted on the
-    host-side batch, before it moves to the device: no synchronisation."""
-    labels = batch["labels"]
-    return labels.shape[0] if kind == "classification" else int((labels[:, 1:] != IGNORE).sum())
-
-
 @torch.no_grad()
 def _eval_sums(model: nn.Module, data: DataBundle, dataset: Any, batch_size: int, device: torch.device,
-               compute_dtype: torch.dtype | None) -> list[float]:
-    """[loss · items, items, correct, aux_loss · items, items with an aux_loss] over one held-out set (items:
-    labelled tokens, or examples; aux_loss: a mixture of experts' router loss, when the output has one).
-    Under torchrun each rank evaluates its shard and the sums are added over ranks."""
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
+               compute_dtype: torch.dtype | None, objective: Objective) -> dict[str, float]:
+    """The objective's sums over one held-out set (loss · items, items, ...). Under torchrun each rank
+    evaluates its shard and the sums are added over ranks."""
+    keys = objective.eval_keys(data.kind)
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
     share, summed = distributed.eval_share(model, len(dataset))
     loader = DataLoader(share, batch_size=batch_size, collate_fn=lambda idx: data.collate([dataset[i] for i in idx]),
                         generator=_private_generator())
     for host_batch in loader:
-        n = labelled_items(host_batch, data.kind)
         batch = to_device(host_batch, device)
         with autocast(device, compute_dtype):
-            out = model(**batch)
-        sums[0] += out.loss.double() * n
-        sums[1] += n
-        if data.kind == "classification":
-            sums[2] += (out.logits.argmax(-1) == batch["labels"]).sum()
-        if getattr(out, "aux_loss", None) is not None:
-            sums[3:] += torch.stack([out.aux_loss.double() * n, torch.tensor(n, dtype=torch.float64, device=device)])
-    return (distributed.sum_over_ranks(sums) if summed else sums).tolist()
-
-
-def _eval_metrics(kind: str, prefix: str, loss_sum: float, weight: float, correct: float, aux_sum: float = 0.0,
-                  aux_weight: float = 0.0) -> dict[str, float]:
-    metrics = {f"{prefix}/loss": loss_sum / weight}
-    if aux_weight:
-        metrics[f"{prefix}/aux_loss"] = aux_sum / aux_weight
-    if kind == "classification":
-        metrics[f"{prefix}/accuracy"] = correct / weight
-    else:
-        metrics[f"{prefix}/perplexity"] = math.exp(min(metrics[f"{prefix}/loss"], 50.0))
-    return metrics
+            figures = objective.eval_sums(model, batch, data.kind)
+        sums += torch.stack([figures[k].to(device, torch.float64) for k in keys])
+    return dict(zip(keys, (distributed.sum_over_ranks(sums) if summed else sums).tolist(), strict=True))
 
 
 def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.device,
-             compute_dtype: torch.dtype | None) -> dict[str, float]:
-    """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy); with several
-    data sources, also per source (eval/<source>/loss), the combined figure over all their examples."""
+             compute_dtype: torch.dtype | None, objective: Objective | None = None) -> dict[str, float]:
+    """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy; a preference
+    objective's rewards); with several data sources, also per source (eval/<source>/loss), the combined
+    figure over all their examples."""
+    objective = objective or Objective()
     was_training = model.training
     model.eval()
     sets = data.evals if len(data.evals) > 1 else {"": data.eval}
-    sums = {name: _eval_sums(model, data, dataset, batch_size, device, compute_dtype) for name, dataset in sets.items()}
+    sums = {name: _eval_sums(model, data, dataset, batch_size, device, compute_dtype, objective)
+            for name, dataset in sets.items()}
     model.train(was_training)
-    metrics = _eval_metrics(data.kind, "eval", *(sum(column) for column in zip(*sums.values(), strict=True)))
+    total = {key: sum(figures[key] for figures in sums.values()) for key in objective.eval_keys(data.kind)}
+    metrics = objective.eval_metrics(data.kind, "eval", total)
     if len(sums) > 1:
         for name, figures in sums.items():
-            metrics.update(_eval_metrics(data.kind, f"eval/{name}", *figures))
+            metrics.update(objective.eval_metrics(data.kind, f"eval/{name}", figures))
     return metrics
 
 
@@ -144,7 +124,9 @@ class Loop:
     run_dir: Path
     metrics: MetricsLog
     trained: nn.Module | None = None  # what forward/backward go through (DDP's wrapper); ``model`` if None
+    objective: Objective = field(default_factory=Objective)  # what a batch's loss is (the model's own by default)
     last_eval: tuple[int, dict[str, float]] = (-1, {})
+    step_metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's, this step's
 
     def total_steps(self) -> int:
         return total_steps(self.cfg, len(self.data.train))
@@ -170,7 +152,8 @@ class Loop:
     # --- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.data, self.cfg.eval_batch_size, self.device, self.compute_dtype)
+        return evaluate(self.model, self.data, self.cfg.eval_batch_size, self.device, self.compute_dtype,
+                        self.objective)
 
     def run_eval(self, state: TrainState) -> dict[str, float]:
         if self.last_eval[0] == state.step:  # an early stop's evaluation is also the final one
@@ -193,21 +176,39 @@ class Loop:
         total is counted on the host and summed over ranks on the device (no host sync). Scaling the
         model's mean rather than passing ``num_items_in_batch`` works for every model, and weighs a
         regulariser added to the loss in a forward hook (AdaLoRA's) once per step. DDP averages
-        gradients over ranks, hence × world. Returns this rank's part of the loss and its token count.
+        gradients over ranks, hence × world. Returns this rank's part of the loss and its token count;
+        the objective's metrics (summed over items, this rank's part of the step's mean) go to ``step_metrics``.
         """
         trained, world = self.trained or self.model, distributed.world_size()
-        items = [labelled_items(b, self.data.kind) for b in micro]
+        items = [self.objective.items(b, self.data.kind) for b in micro]
         total = distributed.sum_over_ranks(torch.tensor(float(sum(items)), device=self.device))
         loss_sum, tokens = torch.zeros((), device=self.device), 0
+        self.step_metrics = {}
         for i, host_batch in enumerate(micro):
             tokens += int(host_batch["attention_mask"].sum())
             batch = to_device(host_batch, self.device)
             with distributed.no_sync(trained, last=i == len(micro) - 1):
                 with autocast(self.device, self.compute_dtype):
-                    loss = trained(**batch).loss.float() * (items[i] / total)
+                    loss, sums = self.objective.loss(trained, batch)
+                    loss = loss * (items[i] / total)
                 self.scaler.scale(loss * world).backward()
             loss_sum += loss.detach()
+            for key, value in sums.items():
+                self.step_metrics[key] = self.step_metrics.get(key, 0.0) + value.float() / total
         return loss_sum, tokens
+
+    def log_step(self, state: TrainState, tokens: int, seconds: float, lr: float,
+                 grad_norm: torch.Tensor) -> tuple[float, float]:
+        """Log the step's figures, summed over ranks (the objective's metrics too); returns loss and tokens."""
+        names = sorted(self.step_metrics)
+        loss, tokens_all, *figures = distributed.sum_over_ranks(torch.stack(
+            [state.loss.float(), torch.tensor(float(tokens), device=self.device),
+             *(self.step_metrics[k] for k in names)])).tolist()
+        state.metrics.update({f"train/{k}": v for k, v in zip(names, figures, strict=True)})
+        state.metrics.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": fsdp.local(grad_norm).item(),
+                              "train/tokens_per_s": tokens_all / seconds, "train/step_s": seconds})
+        self.metrics.log(state.metrics, state.step)
+        return loss, tokens_all
 
     def train(self, start_step: int = 0) -> dict[str, float]:
         cfg, model, optimizer = self.cfg, self.model, self.optimizer
@@ -249,12 +250,7 @@ class Loop:
 
                 seconds = time.perf_counter() - t0
                 if state.step % cfg.log_every == 0 or state.step == max_steps:  # the step's only reads of the device
-                    loss, tokens = distributed.sum_over_ranks(torch.stack(
-                        [state.loss.float(), torch.tensor(float(tokens), device=self.device)])).tolist()
-                    state.metrics.update({"train/loss": loss, "train/lr": lr,
-                                          "train/grad_norm": fsdp.local(grad_norm).item(),
-                                          "train/tokens_per_s": tokens / seconds, "train/step_s": seconds})
-                    self.metrics.log(state.metrics, state.step)
+                    loss, tokens = self.log_step(state, tokens, seconds, lr, grad_norm)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
                 bar.update(1)
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < max_steps:
