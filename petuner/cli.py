@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from petuner.choices import DIRECTIONS, EXPORT_FORMATS, GGUF_DTYPES
+from petuner.cli_serve import add_export_options, add_merge_command
 from petuner.errors import PetunerError
 
 
 def _export(args: argparse.Namespace) -> None:
+    from petuner.cli_serve import export_options
     from petuner.export import export
 
-    suffix = ".gguf" if args.format == "gguf" else ""
+    suffix = ".gguf" if args.format.startswith("gguf") else ""
     out = export(args.run_dir, args.format, args.out or f"{args.run_dir.rstrip('/')}/export-{args.format}{suffix}",
                  force=args.force, rank=args.rank, checkpoint=args.checkpoint, dtype=args.dtype,
-                 trust_remote_code=args.trust_remote_code)
+                 trust_remote_code=args.trust_remote_code, **export_options(args))
     print(out)
 
 
@@ -146,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=GGUF_DTYPES, help="GGUF tensor type (default f16)")
     exp.add_argument("--out", help="destination folder, or file for gguf (default: RUN_DIR/export-FORMAT)")
     exp.add_argument("--force", action="store_true", help="replace a non-empty destination")
-    exp.add_argument("--rank", type=int, help="export a rank-dynamic adapter (dylora) truncated to this rank")
+    exp.add_argument("--rank", type=int, help="export a rank-dynamic adapter (dylora) truncated to this rank, or "
+                                              "with --as-lora the rank of the truncated SVD")
+    add_export_options(exp)
     exp.set_defaults(func=_export)
+    add_merge_command(commands)
     ranks = commands.add_parser("eval-ranks", help="evaluate a DyLoRA run at every rank 1..r (JSON, markdown, PNG)")
     ranks.add_argument("run_dir")
     ranks.add_argument("--out", help="folder for rank_eval.{json,md,png} (default: RUN_DIR)")

@@ -78,6 +78,11 @@ class AdapterLayer(nn.Module, ABC):
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out × in) such that the adapted layer equals a Linear with weight W + ΔW."""
 
+    def weight_update(self) -> torch.Tensor:
+        """ΔW relative to the original base weight (what ``lora_view`` describes): ``delta_weight`` unless the
+        layer changed its own base (PiSSA keeps the residual). Export and merging read this one."""
+        return self.delta_weight()
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
 
