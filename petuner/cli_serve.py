@@ -29,7 +29,7 @@ def _merge(args: argparse.Namespace) -> None:
     from petuner.merge import merge_runs
 
     print(merge_runs(args.runs, args.out, method=args.method, weights=args.weights, density=args.density,
-                     seed=args.seed, force=args.force))
+                     seed=args.seed, rank=args.rank, force=args.force))
 
 
 def add_merge_command(commands: argparse._SubParsersAction) -> None:
@@ -43,6 +43,7 @@ def add_merge_command(commands: argparse._SubParsersAction) -> None:
     merge.add_argument("--weights", type=float, nargs="+", help="one weight per run (default 1/number of runs)")
     merge.add_argument("--density", type=float, help="ties, dare_*: the share of each update kept, in (0, 1]")
     merge.add_argument("--seed", type=int, default=0, help="dare_*: the seed of the random drop (default 0)")
+    merge.add_argument("--rank", type=int, help="svd: the rank of the result (default: the largest input rank)")
     merge.add_argument("--out", required=True, help="the new run folder")
     merge.add_argument("--force", action="store_true", help="replace a non-empty --out")
     merge.set_defaults(func=_merge)

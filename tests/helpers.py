@@ -102,6 +102,7 @@ ADAPTERS = {
     "block_lora": ("block_lora", (*SMALL, "n_blocks=4"), QV),
     "loldu": ("loldu", ("r=4", "alpha=4"), QV),
     "svfit": ("svfit", ("r=4",), QV),
+    "merged": ("merged", ("r=4",), QV),
     # peft's own tuners through adapter=peft (the ready configs adapter=loha / adalora / vera)
     "peft": ("peft", ("config.r=4", "config.alpha=8"), QV),
     "peft_loha": ("loha", ("config.r=4", "config.alpha=8"), QV),

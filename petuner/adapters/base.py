@@ -152,6 +152,10 @@ class AdapterMethod(ABC):
     def make_layer(self, base_layer: nn.Linear) -> AdapterLayer:
         raise NotImplementedError(f"adapter={self.name} injects no layers")
 
+    def make_named_layer(self, name: str, base_layer: nn.Linear) -> AdapterLayer:
+        """The layer for the target ``name``: ``make_layer`` unless a method sizes its layers per target."""
+        return self.make_layer(base_layer)
+
     def apply(self, model: nn.Module, head_modules: Sequence[str] = ()) -> Injection:
         """Adapt ``model`` in place and set ``requires_grad`` on exactly what trains.
 
@@ -162,7 +166,8 @@ class AdapterMethod(ABC):
         model.requires_grad_(False)
         for name in tqdm(targets, desc=f"adapter={self.name}", unit="layer", disable=None):
             base = model.get_submodule(name)
-            set_submodule(model, name, self.make_layer(base if self.device is None else base.to(self.device)))
+            base = base if self.device is None else base.to(self.device)
+            set_submodule(model, name, self.make_named_layer(name, base))
         for _, layer in adapter_layers(model):
             for p in layer.adapter_parameters():
                 p.requires_grad_(True)
