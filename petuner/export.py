@@ -168,8 +168,7 @@ def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = Fals
         return export_gguf_lora(Path(run_dir), out, force=force, rank=rank, energy=energy, checkpoint=checkpoint,
                                 trust_remote_code=trust_remote_code)
     _check_destination(out, force)
-    if as_lora:
-        check_lora_form(build_adapter(read_config(run_dir).adapter), rank, energy)
+    _precheck(Path(run_dir), as_lora, rank, energy, engine, trust_remote_code)
     run = load(run_dir, checkpoint=checkpoint, trust_remote_code=trust_remote_code)
     conversion = _converted(run, rank, as_lora, energy)
     with atomic_dir(out, replace=True) as tmp:  # a kill at any moment leaves no half-written export
@@ -186,6 +185,24 @@ def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = Fals
                              "system_prompt": run.cfg.data.get("system_prompt")})
     log.info("exported %s (%s) to %s", run_dir, fmt, out)
     return out
+
+
+def _precheck(run_dir: Path, as_lora: bool, rank: int | None, energy: float | None, engine: str | None,
+              trust_remote_code: bool) -> None:
+    """What the config and run.json decide (a conversion that needs a rank, an engine's rules), before loading."""
+    from petuner.models import model_config
+    from petuner.run_folder import check_remote_code, read_info
+    from petuner.serving import precheck_engine
+
+    cfg = read_config(run_dir)
+    check_remote_code(cfg.model, run_dir, trust_remote_code)  # before model_config could import its code
+    method = build_adapter(cfg.adapter)
+    if as_lora:
+        check_lora_form(method, rank, energy)
+    if engine is not None:
+        precheck_engine(engine, method, cfg.adapter, read_info(run_dir), as_lora=as_lora,
+                        model_type=str(model_config(cfg.model).model_type),
+                        quantized_base=isinstance(method, QuantizedBase))
 
 
 def _engine_files(run: LoadedRun, engine: str, tmp: Path, out: Path) -> None:

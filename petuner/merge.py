@@ -88,7 +88,7 @@ def layer_updates(run_dir: Path | str) -> tuple[dict[str, Update], list[str]]:
     from petuner.adapters import adapter_layers
     from petuner.run_folder import load
 
-    model = load(run_dir).model
+    model = load(run_dir, tokenizer=False).model
     updates: dict[str, Update] = {}
     for name, layer in adapter_layers(model):
         view = layer.lora_view()

@@ -148,8 +148,9 @@ def folder_labels(path: Path | str) -> list[str]:
 
 
 def load(run_dir: Path | str, *, weights: str | Path | None = None, checkpoint: str | None = None,
-         trust_remote_code: bool = False) -> LoadedRun:
-    """The trained model (eval mode, CPU, adapter un-merged) and its tokenizer.
+         trust_remote_code: bool = False, tokenizer: bool = True) -> LoadedRun:
+    """The trained model (eval mode, CPU, adapter un-merged) and its tokenizer (None with ``tokenizer=False``:
+    merging reads only weights).
 
     ``checkpoint`` (best, last, step-N) or ``weights`` (a file) picks other weights than the final ones.
     """
@@ -174,7 +175,8 @@ def load(run_dir: Path | str, *, weights: str | Path | None = None, checkpoint: 
         raise PetunerError(f"{weights}: not a readable safetensors file ({err})") from None
     load_adapter_state_dict(model, state)
     model.eval()
-    return LoadedRun(model=model, tokenizer=load_tokenizer(cfg.model), cfg=cfg, info=info, method=method)
+    return LoadedRun(model=model, tokenizer=load_tokenizer(cfg.model) if tokenizer else None, cfg=cfg, info=info,
+                     method=method)
 
 
 def load_export(folder: Path, manifest: dict[str, Any], *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:

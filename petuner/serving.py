@@ -96,6 +96,20 @@ def check_engine(engine: str, config: dict[str, Any], *, model_type: str, quanti
                                "Ollama's ADAPTER does not support; use --format gguf (the merged model)")
 
 
+def precheck_engine(engine: str, method: Any, adapter_cfg: Any, info: dict[str, Any], *, as_lora: bool,
+                    model_type: str, quantized_base: bool) -> None:
+    """The rules a run's config and run.json already decide, checked before any weights load: the adapter's
+    kind (unless ``--as-lora`` converts it), trained heads, targets, biases, the base's family."""
+    options = method.peft_options()
+    predicted = {"peft_type": "LORA" if options is not None or as_lora else
+                 str(adapter_cfg.get("peft_type") or adapter_cfg.name).upper(),
+                 "use_dora": bool(options and options.get("use_dora")) and not as_lora,
+                 "use_rslora": bool(options and options.get("use_rslora")) and not as_lora,
+                 "modules_to_save": info.get("head_modules") or None, "target_modules": info.get("targets"),
+                 "bias": (options or {}).get("bias", "none"), "r": 1}
+    check_engine(engine, predicted, model_type=model_type, quantized_base=quantized_base)
+
+
 def _vllm(base: str, folder: Path, name: str, config: dict[str, Any]) -> str:
     return (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {shlex.quote(f'{name}={folder}')} "
             f"--max-lora-rank {engine_rank('vllm', int(config['r']))}")

@@ -11,13 +11,12 @@ import torch
 from peft import PeftModel
 from peft.utils import merge_utils
 
-import petuner
 from petuner.adapters import adapter_layers
 from petuner.cli import main
 from petuner.export import export
 from petuner.merge import merge_runs
 from petuner.models import load_model
-from petuner.run_folder import read_config
+from petuner.run_folder import load, read_config
 from tests.conftest import make_cfg
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -44,7 +43,7 @@ _UPDATES: dict[str, dict[str, torch.Tensor]] = {}
 def updates(run_dir) -> dict[str, torch.Tensor]:
     """Each adapted module's ΔW (relative to the original base) as petuner.load gives it (cached per folder)."""
     if str(run_dir) not in _UPDATES:
-        model, _ = petuner.load(run_dir)
+        model = load(run_dir, tokenizer=False).model
         with torch.no_grad():
             _UPDATES[str(run_dir)] = {name: layer.weight_update().float() for name, layer in adapter_layers(model)}
     return _UPDATES[str(run_dir)]
@@ -135,7 +134,7 @@ def test_dora_merge_is_the_dense_computation_on_the_weight_deltas(runs, tmp_path
 
 def test_self_merge_reproduces_the_run_and_the_merged_run_exports(runs, tmp_path) -> None:
     out = merge_runs([runs["lora_a"]], tmp_path / "self", method="linear", weights=[1.0])
-    original, merged = petuner.load(runs["lora_a"])[0], petuner.load(out)[0]
+    original, merged = (load(r, tokenizer=False).model for r in (runs["lora_a"], out))
     with torch.no_grad():
         expected = original(input_ids=IDS).logits
         assert (merged(input_ids=IDS).logits - expected).abs().max() <= 1e-5
@@ -145,7 +144,7 @@ def test_self_merge_reproduces_the_run_and_the_merged_run_exports(runs, tmp_path
     twice = merge_runs([runs["lora_a"], runs["lora_a"]], tmp_path / "twice", method="task_arithmetic",
                        weights=[0.5, 0.5])
     with torch.no_grad():
-        assert (petuner.load(twice)[0](input_ids=IDS).logits - expected).abs().max() <= 1e-5
+        assert (load(twice, tokenizer=False).model(input_ids=IDS).logits - expected).abs().max() <= 1e-5
     assert json.loads((out / "run.json").read_text())["merge"]["method"] == "linear"
 
 
