@@ -38,9 +38,15 @@ def test_a_run_and_every_export_are_readable_by_others_under_umask_0022(umask_00
 
     run_dir = tmp_path / "run"
     run(make_cfg(run_dir, "trainer.max_steps=3", "trainer.save_every=3", "trainer.eval_every=3"))
-    written = [run_dir, export(run_dir, "peft", tmp_path / "peft"), export(run_dir, "merged", tmp_path / "merged"),
-               export(run_dir, "gguf", tmp_path / "model.gguf", dtype="f32")]
+    from petuner.merge import merge_runs
+
+    written = [run_dir, export(run_dir, "peft", tmp_path / "peft", engine="vllm"),
+               export(run_dir, "merged", tmp_path / "merged"), export(run_dir, "gguf", tmp_path / "model.gguf"),
+               export(run_dir, "gguf-lora", tmp_path / "adapter.gguf"),
+               merge_runs([run_dir], tmp_path / "merged-run", weights=[1.0])]
     found = {k: v for root in written for k, v in modes(root).items()}
     assert any(k.endswith("adapter.safetensors") for k in found) and any(k.endswith("run.json") for k in found)
-    wrong = {k: oct(v) for k, v in found.items() if v != (0o755 if (tmp_path / k).is_dir() else 0o644)}
+    executable = {"peft/serve-vllm.sh"}  # written executable: 0755 as a plain chmod +x under umask 0022
+    wrong = {k: oct(v) for k, v in found.items()
+             if v != (0o755 if (tmp_path / k).is_dir() or k in executable else 0o644)}
     assert not wrong, wrong
