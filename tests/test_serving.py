@@ -33,7 +33,7 @@ def check(engine: str, model_type: str = "llama", quantized: bool = False, **cha
     ("sglang", {"bias": "lora_only"}, "trains biases"),
 ])
 def test_each_engine_rule_refuses_naming_the_fix(engine, changes, message) -> None:
-    with pytest.raises(PetunerError, match="^--for ") as err:
+    with pytest.raises(PetunerError, match=r"^--for ") as err:
         check(engine, **changes)
     assert message in str(err.value) and "\n" not in str(err.value)
 
@@ -85,7 +85,8 @@ def test_gguf_lora_holds_llama_cpp_adapter_layout(trained_run, tmp_path) -> None
     assert float(field["adapter.lora.alpha"].parts[-1][0]) == 16.0  # LoRA r=8, alpha 16: unchanged
     tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
     trained = load_file(trained_run / "adapter.safetensors")
-    a, b = trained["model.layers.1.self_attn.q_proj.lora_A.weight"], trained["model.layers.1.self_attn.q_proj.lora_B.weight"]
+    q = "model.layers.1.self_attn.q_proj"
+    a, b = trained[f"{q}.lora_A.weight"], trained[f"{q}.lora_B.weight"]
     assert torch.equal(tensors["blk.1.attn_q.weight.lora_a"], a)
     assert torch.equal(tensors["blk.1.attn_q.weight.lora_b"], permute_rotary(b, 4))  # q's rows as the base GGUF's
     assert torch.equal(tensors["blk.1.attn_v.weight.lora_b"], trained["model.layers.1.self_attn.v_proj.lora_B.weight"])
