@@ -44,18 +44,41 @@ def base_identity(cfg: Any, info: dict[str, Any]) -> tuple[Any, ...]:
             None if random_init is None else (OmegaConf.to_yaml(random_init), cfg.model.get("init_seed")))
 
 
-def check_same_base(runs: Sequence[Path | str], what: str) -> list[tuple[Any, dict[str, Any]]]:
-    """Each run's (config, run.json), after checking they share one base model (one line if not)."""
+def check_same_base(runs: Sequence[Path | str], what: str, first: tuple[Any, ...] | None = None,
+                    first_name: str | None = None) -> list[tuple[Any, dict[str, Any]]]:
+    """Each run's (config, run.json), after checking they share one base model (``first``'s, by default the first
+    run's); one line if not."""
     from petuner.run_folder import read_config, read_info
 
     found = [(read_config(r), read_info(r)) for r in runs]
-    first = base_identity(*found[0])
+    first = first or base_identity(*found[0])
     for run, (cfg, info) in zip(runs, found, strict=True):
         if base_identity(cfg, info) != first:
             theirs = info.get("base_model") or "a random init"
             raise PetunerError(f"{what}: {run} was trained on another base ({theirs}, task {cfg.model.task}) than "
-                               f"{runs[0]} ({first[0] or 'a random init'}, task {first[2]}); use runs of one base")
+                               f"{first_name or runs[0]} ({first[0] or 'a random init'}, task {first[2]}); "
+                               "use runs of one base")
     return found
+
+
+def check_sources(cfg: Any, runs: Sequence[str]) -> None:
+    """aTLAS's sources are run folders on ``cfg``'s base model (one line naming the first that is not)."""
+    from petuner.models import model_source
+
+    check_same_base(runs, "adapter.sources", base_identity(cfg, {"base_model": model_source(cfg.model)}),
+                    "this run")
+
+
+def read_sources(cfg: Any, runs: Sequence[str]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """aTLAS's sources: each run's (A, B) per module (scale folded into B; an exact SVD where its update is no
+    LoRA), checked to share ``cfg``'s base model."""
+    check_sources(cfg, runs)
+    factors = []
+    for run in runs:
+        updates, _ = layer_updates(run)
+        factors.append({name: (u[0], u[2] * u[1]) if isinstance(u, tuple) else exact_factors(u)
+                        for name, u in updates.items()})
+    return factors
 
 
 def check_merge(runs: Sequence[Path | str], method: str, weights: Sequence[float] | None, density: float | None,

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from petuner import __version__
 from petuner.adapters import Injection, adapter_state_dict, inject
-from petuner.adapters.capabilities import OwnsOptimizerParameters, PreparesFromData, QuantizedBase
+from petuner.adapters.capabilities import ComposesRuns, OwnsOptimizerParameters, PreparesFromData, QuantizedBase
 from petuner.config import validate
 from petuner.data import build_data
 from petuner.data.packing import attend_within_examples, pack_bundle
@@ -117,6 +117,10 @@ class Setup:
 def set_up(cfg: DictConfig) -> Setup:
     """Check everything cheap first (config, run folder, targets on a weightless copy), then load and adapt."""
     plan = validate(cfg)
+    if isinstance(plan.method, ComposesRuns):  # aTLAS's sources share this base: one line, before anything is written
+        from petuner.merge import check_sources
+
+        check_sources(cfg, plan.method.sources())
     distributed.init_from_env()
     distributed.check_launch(cfg)
     with open_dict(cfg):  # one folder for all ranks, even if their clocks named Hydra's default differently
@@ -133,6 +137,10 @@ def set_up(cfg: DictConfig) -> Setup:
     check_precision(cfg.model, method, compute_dtype)
     check_max_length(plan.data, context_length(model_config(cfg.model)))
 
+    if isinstance(method, ComposesRuns):  # aTLAS: its source runs' updates, on this base (one line if not)
+        from petuner.merge import read_sources
+
+        method.compose(read_sources(cfg, method.sources()))
     skeleton = load_model(cfg.model, meta=True)  # structure only: checks targets in milliseconds
     heads = head_modules(skeleton, cfg.model.task)
     method.select_targets(skeleton, exclude=heads)
@@ -183,7 +191,7 @@ def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
         "train_examples": len(s.data.train), "eval_examples": len(s.data.eval),
         "processes": distributed.world_size(), "data": s.data.report,
     }
-    if isinstance(s.method, QuantizedBase):
+    if isinstance(s.method, (QuantizedBase, ComposesRuns)):
         info["adapter_report"] = s.method.report()
     return info
 

@@ -92,12 +92,12 @@ def read_info(run_dir: Path | str) -> dict[str, Any]:
 def build_base_with_adapter(cfg: DictConfig, info: dict[str, Any]) -> tuple[nn.Module, Any]:
     """The run's base model (on CPU) with its adapter injected, weights as initialised."""
     from petuner.adapters import build_adapter, inject
-    from petuner.adapters.capabilities import QuantizedBase
+    from petuner.adapters.capabilities import ComposesRuns, QuantizedBase
     from petuner.models import load_model
 
     model = load_model(cfg.model, num_labels=len(info.get("label_names") or []) or None)
     method = build_adapter(cfg.adapter)
-    if isinstance(method, QuantizedBase):
+    if isinstance(method, (QuantizedBase, ComposesRuns)):
         method.restore(info.get("adapter_report") or {})
     injection = inject(model, method, info["head_modules"])
     if injection.targets != info["targets"]:

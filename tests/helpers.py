@@ -103,6 +103,8 @@ ADAPTERS = {
     "loldu": ("loldu", ("r=4", "alpha=4"), QV),
     "svfit": ("svfit", ("r=4",), QV),
     "merged": ("merged", ("r=4",), QV),
+    # no sources read here: the LoRA beside alone (the composition itself: tests/test_atlas.py)
+    "atlas": ("atlas", ("lora_r=4", "lora_alpha=8", "target_modules=[q_proj,v_proj]"), QV),
     # peft's own tuners through adapter=peft (the ready configs adapter=loha / adalora / vera)
     "peft": ("peft", ("config.r=4", "config.alpha=8"), QV),
     "peft_loha": ("loha", ("config.r=4", "config.alpha=8"), QV),

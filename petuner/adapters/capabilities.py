@@ -70,3 +70,26 @@ class PeftNative(ABC):
     def peft_model(self, model: nn.Module, task: str, head_modules: Sequence[str], base_model: str | None,
                    load_base: Callable[[], nn.Module]) -> Any:
         """A ``peft.PeftModel`` over ``load_base()`` holding ``model``'s trained adapter."""
+
+
+class ComposesRuns(ABC):
+    """A method built over earlier runs' updates (aTLAS). Whoever builds it for training reads the runs it names
+    (``sources``, checked to share the base) and hands over their per-module (A, B) factors (``compose``) before
+    injection; a reload instead gets their shapes back from run.json (``report`` / ``restore``) and the tensors
+    from the saved adapter, so the source folders are needed only to train."""
+
+    @abstractmethod
+    def sources(self) -> list[str]:
+        """The run folders whose updates this method composes."""
+
+    @abstractmethod
+    def compose(self, updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Each source's (A, B) per module, its scale folded into B (ΔW = B @ A)."""
+
+    @abstractmethod
+    def report(self) -> dict[str, Any]:
+        """What a reload needs to rebuild the layers' shapes, for run.json."""
+
+    @abstractmethod
+    def restore(self, report: dict[str, Any]) -> None:
+        """Take the shapes ``report`` saved (before injection, when a run is loaded)."""
