@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
+
+from petuner.errors import PetunerError
 
 
 def add_export_options(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +27,43 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
 def export_options(args: argparse.Namespace) -> dict[str, object]:
     """The keyword arguments of ``petuner.export.export`` these options give."""
     return {"as_lora": args.as_lora, "energy": args.energy, "engine": args.engine}
+
+
+def add_adapter_options(parser: argparse.ArgumentParser) -> None:
+    """``generate``/``chat``: more runs on the same base, each a named adapter (peft's mixed batches)."""
+    parser.add_argument("--adapter", action="append", metavar="NAME=RUN",
+                        help="another run on the same base as adapter NAME (repeatable); a --file row picks one with "
+                             "\"adapter\": NAME, default is RUN_DIR itself, base is no adapter")
+    parser.add_argument("--use", metavar="NAME", help="the adapter for --prompt, or chat's first (chat: /use NAME)")
+
+
+def generator(args: argparse.Namespace) -> Any:
+    """The run's generator, or with ``--adapter`` one holding every named run over one base."""
+    from petuner.generate import load_generator
+    from petuner.multi_adapter import load_multi, parse_adapters, route
+
+    adapters = parse_adapters(args.adapter)
+    if not adapters:
+        if args.use is not None:
+            raise PetunerError("--use NAME picks one of several runs: name them with --adapter NAME=RUN")
+        return load_generator(args.run_dir, checkpoint=args.checkpoint, trust_remote_code=args.trust_remote_code)
+    if args.checkpoint not in (None, "last"):
+        raise PetunerError("--checkpoint with --adapter: several runs are served with their final weights")
+    gen = load_multi(args.run_dir, adapters, trust_remote_code=args.trust_remote_code)
+    gen.active = route([args.use], gen.adapters)[0]
+    return gen
+
+
+def prompts_and_routes(args: argparse.Namespace, gen: Any) -> tuple[list[str], list[str] | None]:
+    """``generate``'s prompts and, with several adapters loaded, each prompt's adapter."""
+    from petuner.generate import prompt_rows
+    from petuner.multi_adapter import route
+
+    rows = prompt_rows(Path(args.file)) if args.file else [(args.prompt, args.use)]
+    names = route([name or gen.active for _, name in rows], gen.adapters) if gen.adapters else None
+    if names is None and any(name for _, name in rows):
+        raise PetunerError(f"--file {args.file} names adapters: load them with --adapter NAME=RUN")
+    return [prompt for prompt, _ in rows], names
 
 
 def _merge(args: argparse.Namespace) -> None:
