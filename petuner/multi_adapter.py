@@ -4,8 +4,8 @@ Every run becomes a named adapter of one ``peft.PeftModel`` over one copy of the
 row by row through peft's ``adapter_names`` (LoRAX-style multi-adapter serving). RUN itself is ``default``;
 ``base`` is the base model with no adapter (peft's ``__base__``). Each run enters in its plain-LoRA form
 (``petuner.as_lora``: exact for LoRA-shaped methods), because peft's mixed batches take plain LoRA layers only
-(not DoRA). A method whose update is no LoRA needs ``petuner export --as-lora`` first, and that export is then
-the run to name.
+(not DoRA). A run whose update is no LoRA (DoRA, LoHa, VeRA, ...) is refused with its fix: ``petuner merge RUN
+--method task_arithmetic --weights 1`` writes it as an exact LoRA-form run (its update's full SVD) to name instead.
 """
 
 from __future__ import annotations
@@ -44,12 +44,17 @@ def route(names: list[str | None], loaded: tuple[str, ...]) -> list[str]:
 
 def _peft_folder(run_dir: Path, out: Path, trust_remote_code: bool) -> Path:
     """The run's plain-LoRA peft form in ``out`` (exact for LoRA-shaped methods)."""
-    from petuner.as_lora import check_lora_form, to_lora
+    from petuner.adapters import build_adapter
+    from petuner.as_lora import to_lora
     from petuner.export import export_peft
-    from petuner.run_folder import load
+    from petuner.run_folder import load, read_config
 
+    options = build_adapter(read_config(run_dir).adapter).peft_options()
+    if options is None or options.get("use_dora"):
+        raise PetunerError(f"{run_dir}: its update is no LoRA, which peft's mixed batches cannot serve; write it as "
+                           f"one with petuner merge {run_dir} --method task_arithmetic --weights 1 --out NEW_RUN "
+                           "and name NEW_RUN")
     run = load(run_dir, trust_remote_code=trust_remote_code, tokenizer=False)
-    check_lora_form(run.method, None, None)
     out.mkdir()
     export_peft(run, out, to_lora(run.model))
     return out
