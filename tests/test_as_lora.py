@@ -77,6 +77,7 @@ def test_rslora_is_folded_into_plain_lora_alpha(tmp_path) -> None:
 def test_reported_error_is_the_truncations_true_error(name: str, kw: dict) -> None:
     model = adapted(name)
     conversion = to_lora(model, **kw)
+    assert conversion.report["rank"] == kw.get("rank", conversion.report["rank"])  # the rank asked for, no more
     lost = total = 0.0
     for module, layer in adapter_layers(model):
         with torch.no_grad():
