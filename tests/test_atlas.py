@@ -17,18 +17,17 @@ from petuner.export import export
 from petuner.models import load_model
 from petuner.run_folder import load, read_config
 from tests.conftest import make_cfg
+from tests.helpers import perturbed_run
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
 def sources(trained_run, tmp_path_factory):
-    """trained_run (LoRA r=8) and a DoRA run (r=4; its update is no LoRA: composed through its exact SVD)."""
-    from petuner.run import run
-
-    other = tmp_path_factory.mktemp("atlas_src") / "dora"
-    run(make_cfg(other, "trainer.max_steps=2", "adapter.variant=dora", "adapter.r=4", "optimizer.lr=3e-2"))
-    return [trained_run, other]
+    """trained_run (LoRA r=8) and a DoRA run (r=4, seeded random weights; its update is no LoRA: composed through
+    its exact SVD)."""
+    return [trained_run, perturbed_run(trained_run, tmp_path_factory.mktemp("atlas_src") / "dora", seed=3,
+                                       variant="dora", r=4)]
 
 
 def updates(run_dir) -> dict[str, torch.Tensor]:

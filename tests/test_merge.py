@@ -17,24 +17,19 @@ from petuner.export import export
 from petuner.merge import merge_runs
 from petuner.models import load_model
 from petuner.run_folder import load, read_config
-from tests.conftest import make_cfg
+from tests.helpers import perturbed_run
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
-SHORT = ("trainer.max_steps=2", "trainer.save_every=2", "optimizer.lr=3e-2")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, trained_run):
-    """trained_run (LoRA r=8) plus a second LoRA (r=8), an rsLoRA and a DoRA run (r=4), two steps each."""
-    from petuner.run import run
-
+    """trained_run (LoRA r=8) plus, on its base, a second LoRA (r=8), an rsLoRA and a DoRA run (r=4), each with
+    seeded random adapter weights (helpers.perturbed_run: the merge math needs distinct updates, not training)."""
     root = tmp_path_factory.mktemp("merge_runs")
-    made = {"lora_a": trained_run}
-    for name, overrides in {"lora_b": ("trainer.seed=1",), "rs": ("adapter.scaling=rslora", "adapter.r=4"),
-                            "dora": ("adapter.variant=dora", "adapter.r=4")}.items():
-        run(make_cfg(root / name, *SHORT, *overrides))
-        made[name] = root / name
-    return made
+    return {"lora_a": trained_run, "lora_b": perturbed_run(trained_run, root / "lora_b", seed=1),
+            "rs": perturbed_run(trained_run, root / "rs", seed=2, scaling="rslora", r=4),
+            "dora": perturbed_run(trained_run, root / "dora", seed=3, variant="dora", r=4)}
 
 
 _UPDATES: dict[str, dict[str, torch.Tensor]] = {}
