@@ -114,13 +114,23 @@ class Setup:
     checkpoint: Path | None
 
 
+def _composed_sources(cfg: DictConfig, method: Any, *, read: bool) -> None:
+    """A method built over earlier runs (aTLAS): check they share this run's base (one line if not), and with
+    ``read`` hand their updates over."""
+    if not isinstance(method, ComposesRuns):
+        return
+    from petuner.merge import check_sources, read_sources
+
+    if read:
+        method.compose(read_sources(cfg, method.sources()))
+    else:
+        check_sources(cfg, method.sources())
+
+
 def set_up(cfg: DictConfig) -> Setup:
     """Check everything cheap first (config, run folder, targets on a weightless copy), then load and adapt."""
     plan = validate(cfg)
-    if isinstance(plan.method, ComposesRuns):  # aTLAS's sources share this base: one line, before anything is written
-        from petuner.merge import check_sources
-
-        check_sources(cfg, plan.method.sources())
+    _composed_sources(cfg, plan.method, read=False)  # aTLAS's sources share this base, before anything is written
     distributed.init_from_env()
     distributed.check_launch(cfg)
     with open_dict(cfg):  # one folder for all ranks, even if their clocks named Hydra's default differently
@@ -137,10 +147,7 @@ def set_up(cfg: DictConfig) -> Setup:
     check_precision(cfg.model, method, compute_dtype)
     check_max_length(plan.data, context_length(model_config(cfg.model)))
 
-    if isinstance(method, ComposesRuns):  # aTLAS: its source runs' updates, on this base (one line if not)
-        from petuner.merge import read_sources
-
-        method.compose(read_sources(cfg, method.sources()))
+    _composed_sources(cfg, method, read=True)
     skeleton = load_model(cfg.model, meta=True)  # structure only: checks targets in milliseconds
     heads = head_modules(skeleton, cfg.model.task)
     method.select_targets(skeleton, exclude=heads)

@@ -39,8 +39,6 @@ def check_sources(cfg: Any, key: str, group: str) -> None:
     sources = list(cfg.get(key) or [])
     if not all(isinstance(s, str) and s for s in sources):
         raise ConfigError(f"{group}.{key}={sources!r}: a list of run folders (the runs whose updates compose)")
-    if not sources and not cfg.get("lora_r"):
-        raise ConfigError(f"{group}.{key}=[] and {group}.lora_r=0: nothing to train; name source runs")
 
 
 @dataclass
@@ -133,6 +131,9 @@ class Atlas(AdapterMethod, ComposesRuns):
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
         wanted = match_targets(model, self.cfg.target_modules, exclude)
         if not self._ranks:  # no sources read: the LoRA beside, on the targets
+            if not self.cfg.lora_r:
+                raise ConfigError("adapter=atlas has nothing to train: name the runs to compose, "
+                                  "adapter.sources=[RUN_A,RUN_B] (or set adapter.lora_r)")
             return wanted
         chosen = [name for name in wanted if name in self._ranks]
         if not chosen:
