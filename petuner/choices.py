@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-EXPORT_FORMATS = ("peft", "merged", "quantized", "gguf")
+EXPORT_FORMATS = ("peft", "merged", "quantized", "gguf", "gguf-lora")
 GGUF_DTYPES = ("f32", "f16", "q8_0")
+MERGE_METHODS = ("linear", "cat", "svd", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 # The run's `objective`: which way is better, and which model tasks' evaluations report it. Keyed by the
 # task, not the data kind: every kind (chat, sft, text, and mixtures such as sft+text) belongs to one task,
 # so the objective is checked with the config, before any data is read.

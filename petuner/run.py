@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from petuner import __version__
 from petuner.adapters import Injection, adapter_state_dict, inject
-from petuner.adapters.capabilities import OwnsOptimizerParameters, PreparesFromData, QuantizedBase
+from petuner.adapters.capabilities import ComposesRuns, OwnsOptimizerParameters, PreparesFromData, QuantizedBase
 from petuner.config import validate
 from petuner.continued import load_starting_weights
 from petuner.data import build_data
@@ -137,9 +137,23 @@ def install_training_paths(model: torch.nn.Module, trainer: DictConfig, task: st
         compile_model(model)
 
 
+def _composed_sources(cfg: DictConfig, method: Any, *, read: bool) -> None:
+    """A method built over earlier runs (aTLAS): check they share this run's base (one line if not), and with
+    ``read`` hand their updates over."""
+    if not isinstance(method, ComposesRuns):
+        return
+    from petuner.merge import check_sources, read_sources
+
+    if read:
+        method.compose(read_sources(cfg, method.sources()))
+    else:
+        check_sources(cfg, method.sources())
+
+
 def set_up(cfg: DictConfig) -> Setup:
     """Check everything cheap first (config, run folder, targets on a weightless copy), then load and adapt."""
     plan = validate(cfg)
+    _composed_sources(cfg, plan.method, read=False)  # aTLAS's sources share this base, before anything is written
     distributed.init_from_env()
     distributed.check_launch(cfg)
     with open_dict(cfg):  # one folder for all ranks, even if their clocks named Hydra's default differently
@@ -158,6 +172,7 @@ def set_up(cfg: DictConfig) -> Setup:
     check_max_length(plan.data, context_length(config))
     check_family(cfg.model, config, bool(cfg.data.packing))
 
+    _composed_sources(cfg, method, read=True)
     skeleton = load_model(cfg.model, meta=True)  # structure only: checks targets in milliseconds
     heads = head_modules(skeleton, cfg.model.task)
     method.select_targets(skeleton, exclude=heads)
@@ -222,7 +237,7 @@ def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
            if k in s.data.report},
         "processes": distributed.world_size(), "data": s.data.report,
     }
-    if isinstance(s.method, QuantizedBase):
+    if isinstance(s.method, (QuantizedBase, ComposesRuns)):
         info["adapter_report"] = s.method.report()
     return info
 

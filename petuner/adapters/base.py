@@ -81,6 +81,11 @@ class AdapterLayer(nn.Module, ABC):
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out × in) such that the adapted layer equals a Linear with weight W + ΔW."""
 
+    def weight_update(self) -> torch.Tensor:
+        """ΔW relative to the original base weight (what ``lora_view`` describes): ``delta_weight`` unless the
+        layer changed its own base (PiSSA keeps the residual). Export and merging read this one."""
+        return self.delta_weight()
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
 
@@ -150,6 +155,10 @@ class AdapterMethod(ABC):
     def make_layer(self, base_layer: nn.Linear) -> AdapterLayer:
         raise NotImplementedError(f"adapter={self.name} injects no layers")
 
+    def make_named_layer(self, name: str, base_layer: nn.Linear) -> AdapterLayer:
+        """The layer for the target ``name``: ``make_layer`` unless a method sizes its layers per target."""
+        return self.make_layer(base_layer)
+
     def apply(self, model: nn.Module, head_modules: Sequence[str] = ()) -> Injection:
         """Adapt ``model`` in place and set ``requires_grad`` on exactly what trains.
 
@@ -161,7 +170,7 @@ class AdapterMethod(ABC):
         for name in tqdm(targets, desc=f"adapter={self.name}", unit="layer", disable=None):
             original = model.get_submodule(name)
             base = to_linear(original)  # a Conv1D as the equivalent nn.Linear: one layout for every method
-            layer = self.make_layer(base if self.device is None else base.to(self.device))
+            layer = self.make_named_layer(name, base if self.device is None else base.to(self.device))
             layer.fan_in_fan_out = base is not original
             set_submodule(model, name, layer)
         for _, layer in adapter_layers(model):

@@ -88,3 +88,26 @@ class SwitchesOff(ABC):  # noqa: B024 (a capability with working defaults: a met
         """The model with every adapter layer off (merged ones unmerged), restored exactly on exit."""
         with disabled_adapters(model):
             yield
+
+
+class ComposesRuns(ABC):
+    """A method built over earlier runs' updates (aTLAS). Whoever builds it for training reads the runs it names
+    (``sources``, checked to share the base) and hands over their per-module (A, B) factors (``compose``) before
+    injection; a reload instead gets their shapes back from run.json (``report`` / ``restore``) and the tensors
+    from the saved adapter, so the source folders are needed only to train."""
+
+    @abstractmethod
+    def sources(self) -> list[str]:
+        """The run folders whose updates this method composes."""
+
+    @abstractmethod
+    def compose(self, updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Each source's (A, B) per module, its scale folded into B (ΔW = B @ A)."""
+
+    @abstractmethod
+    def report(self) -> dict[str, Any]:
+        """What a reload needs to rebuild the layers' shapes, for run.json."""
+
+    @abstractmethod
+    def restore(self, report: dict[str, Any]) -> None:
+        """Take the shapes ``report`` saved (before injection, when a run is loaded)."""

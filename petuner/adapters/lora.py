@@ -145,6 +145,11 @@ class LoRALinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def weight_update(self) -> torch.Tensor:
+        """PiSSA: the base holds W − s·B₀A₀, so the update relative to W is ΔW − s·B₀A₀ (DoRA's too)."""
+        delta = self.delta_weight()
+        return delta - self.scaling * self.pissa_B0 @ self.pissa_A0 if self.pissa else delta
+
     def lora_view(self) -> LoRAFactors:
         """The update relative to the original base weight (PiSSA: rank 2r, its initial part subtracted)."""
         a, b = self.lora_A.weight, self.lora_B.weight
