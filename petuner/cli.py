@@ -16,6 +16,7 @@ from typing import Any
 from petuner.choices import DIRECTIONS, EXPORT_FORMATS, GGUF_DTYPES
 from petuner.cli_serve import add_adapter_options, add_export_options, add_merge_command
 from petuner.errors import PetunerError
+from petuner.ui import add_parser as add_ui_parser
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -109,20 +110,10 @@ def _sweep_report(args: argparse.Namespace) -> None:
 
 def _data(args: argparse.Namespace) -> None:
     """Build the data exactly as ``python train.py <overrides>`` would (tokenizer only, no weights) and show it."""
-    from petuner.config import check_command_line, compose_config, validate
-    from petuner.data import build_data
     from petuner.data.report import describe
-    from petuner.data.schema import check_max_length
-    from petuner.models import context_length, load_tokenizer, model_config
+    from petuner.ui.preview import prepared_data
 
-    config_dir = Path(args.config_dir) if args.config_dir else None
-    check_command_line(args.overrides, config_dir)
-    cfg = compose_config([*args.overrides, "run_dir=."], config_dir)
-    plan = validate(cfg)
-    check_max_length(plan.data, context_length(model_config(cfg.model)))
-    tokenizer = load_tokenizer(cfg.model)
-    data = build_data(plan.data, tokenizer, cfg.model.task, check_kind=plan.objective.check_data_kind)
-    print(describe(data, tokenizer, args.examples))
+    print(describe(*prepared_data(args.overrides, Path(args.config_dir) if args.config_dir else None), args.examples))
 
 
 def _init(args: argparse.Namespace) -> None:
@@ -216,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--config-dir", help="your own config folder, as for petuner train")
     data.add_argument("--examples", type=int, default=2, help="how many training examples to decode (default 2)")
     data.set_defaults(func=_data)
+    add_ui_parser(commands)
     return parser
 
 

@@ -22,6 +22,7 @@ FEATURES: dict[str, tuple[str, str]] = {
     "logger=mlflow": ("mlflow", "mlflow"),
     "GGUF export": ("gguf", "gguf"),
     "plots": ("matplotlib", "plots"),
+    "web page": ("gradio", "ui"),
     "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
     "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
     "hydra/launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),

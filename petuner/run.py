@@ -44,8 +44,9 @@ from petuner.objectives.reference import build_reference, precompute_reference
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import read_config
 from petuner.train import distributed
+from petuner.train.abort import Interrupted, StopOnSignal
 from petuner.train.best import BestCheckpoint
-from petuner.train.checkpoint import check_world_size, latest_checkpoint, load_checkpoint
+from petuner.train.checkpoint import check_world_size, latest_checkpoint, load_checkpoint, save_checkpoint
 from petuner.train.compile import compile_model
 from petuner.train.device import grad_scaler, reset_peak_memory, resolve_device, resolve_precision
 from petuner.train.guard import NonFiniteGuard
@@ -264,10 +265,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     memory = MemoryHook()  # last: it sees the gradients the optimizer will use
     scaler = grad_scaler(device, compute_dtype)
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite, scaled=scaler.is_enabled())  # first: may veto
+    stop = StopOnSignal()  # first: a SIGTERM ends the run at a step boundary, before any hook draws
     best = BestCheckpoint(run_dir, cfg.objective, cfg.trainer.early_stopping_patience,
                           cfg.trainer.early_stopping_min_delta, enabled=bool(cfg.trainer.eval_every))
     loop = Loop(model=model, data=s.data, optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, hooks=[guard, *s.method.hooks(model), best, memory], cfg=cfg.trainer,
+                scaler=scaler, hooks=[stop, guard, *s.method.hooks(model), best, memory], cfg=cfg.trainer,
                 device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics, trained=trained,
                 objective=s.objective)
     distributed.seed_rank(cfg.trainer.seed)  # after every seeded draw all ranks share: dropout differs per rank
@@ -278,7 +280,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("resumed from %s (step %d)", s.checkpoint, start)
     reset_peak_memory(device)
     try:
-        results = loop.train(start)
+        results = train_until_stopped(loop, stop, start)
         results.update(memory.report(model, optimizer))
         results.update(best.report())
         steps = int(results.get("early_stopping/step", loop.total_steps()))
@@ -292,6 +294,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         save_run(run_dir, weights, info, cfg.get("export"))
     distributed.barrier()
     return info
+
+
+def train_until_stopped(loop: Loop, stop: StopOnSignal, start: int) -> dict[str, float]:
+    """``loop.train``; on SIGTERM, a checkpoint of the last finished step, then one line (exit status 2)."""
+    try:
+        with stop.installed():
+            return loop.train(start)
+    except Interrupted as interrupted:
+        path = save_checkpoint(loop.run_dir, interrupted.step, loop.model, loop.optimizer, loop.scheduler,
+                               loop.scaler, loop.hooks, keep=loop.cfg.keep_checkpoints)
+        raise PetunerError(f"{interrupted}: checkpoint {path} kept; continue it with trainer.resume=true "
+                           f"run_dir={loop.run_dir}") from None
 
 
 def save_run(run_dir: Path, weights: dict[str, torch.Tensor], info: dict[str, Any],

@@ -42,6 +42,7 @@ from petuner.checks import check_flag, check_number
 from petuner.errors import ConfigError, first_line
 
 CHECK = "check"
+ALLOWED = "allowed"  # a choice field's values (the web page offers them in a menu)
 Check = Callable[[Any, str, str], None]  # (group config, key, group path) -> raises ConfigError
 
 
@@ -62,7 +63,7 @@ def choice(default: Any, allowed: Sequence[Any], *, shown: str | None = None) ->
             raise ConfigError(f"{group}.{key}={value!r}: allowed: "
                               f"{shown or ', '.join('null' if a is None else str(a) for a in allowed)}")
 
-    return dataclasses.field(default=default, metadata={CHECK: check})
+    return dataclasses.field(default=default, metadata={CHECK: check, ALLOWED: tuple(allowed)})
 
 
 def flag(default: bool) -> Any:

@@ -74,14 +74,24 @@ def show_example(example: dict[str, Any], tokenizer: Any, kind: str, label_names
 
 
 def _marked(ids: list[int], labels: list[int], tokenizer: Any) -> str:
-    out, run, labelled = [], [], False
+    return "".join(f"{OPEN}{text}{CLOSE}" if labelled else text for text, labelled in labelled_spans(ids, labels,
+                                                                                                      tokenizer))
+
+
+def labelled_spans(ids: list[int], labels: list[int], tokenizer: Any) -> list[tuple[str, bool]]:
+    """Token ids decoded as (text, carries loss) runs (the web page highlights them)."""
+    spans: list[tuple[str, bool]] = []
+    run: list[int] = []
+    labelled = False
     for token, label in zip(ids, labels, strict=True):
         if (label != IGNORE) != labelled:
-            out.append(tokenizer.decode(run) + (OPEN if not labelled else CLOSE))
+            if run:
+                spans.append((tokenizer.decode(run), labelled))
             run, labelled = [], not labelled
         run.append(token)
-    out.append(tokenizer.decode(run) + (CLOSE if labelled else ""))
-    return "".join(out)
+    if run:
+        spans.append((tokenizer.decode(run), labelled))
+    return spans
 
 
 def describe(data: Any, tokenizer: Any, examples: int) -> str:
