@@ -143,7 +143,11 @@ def main() -> None:
                         help="train the selected rows at these multiples of their rate too; each cell shows "
                              "the best of every rate tried for it (cached)")
     parser.add_argument("--fresh", action="store_true", help="recompute cached cells")
+    parser.add_argument("--render", action="store_true", help="rewrite methods.md from methods.json (no runs)")
     args = parser.parse_args()
+    if args.render:
+        (RESULTS / "methods.md").write_text(markdown(json.loads((RESULTS / "methods.json").read_text())))
+        return
 
     cells: dict[str, dict[str, dict]] = {task: {} for task in TASKS}
     for task in args.tasks:
@@ -237,7 +241,30 @@ def markdown(result: dict) -> str:
         notes.append(f"- {info['title']}: {info['steps']} steps, `{' '.join(info['overrides'])}` "
                      f"(device {device}; LoRA's median step {base.get('median_step_s', float('nan')):.2f} s; "
                      f"load average before each row {min(loads):.1f}–{max(loads):.1f}).")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(notes + prose_figures(result)) + "\n"
+
+
+def prose_figures(result: dict) -> list[str]:
+    """The figures prose about this table quotes, computed from it (hand-copied ones drifted: #30)."""
+    adapters = {r["name"] for r in result["rows"] if r["group"] == "adapter"} - {BASELINE, "full"}
+    ratios = {(t, n): c["step_time_vs_lora"] for t, cells in result["cells"].items() for n, c in cells.items()
+              if n in adapters and "step_time_vs_lora" in c}
+    if not ratios:
+        return []
+    low, high = min(ratios.values()), max(ratios.values())
+
+    def named(value: float) -> str:
+        return ", ".join(sorted({n for (_, n), r in ratios.items() if r == value}))
+
+    lines = [f"- Adapters' step time against LoRA (LoRA and full fine-tuning aside): {low:.2f}× ({named(low)}) "
+             f"to {high:.2f}× ({named(high)})."]
+    for t, cells in result["cells"].items():
+        ok = {n: c for n, c in cells.items() if "trainable_parameters" in c}
+        fewest = min(c["trainable_parameters"] for c in ok.values())
+        rows = "; ".join(f"{n} {c['metric']:.3f} ({c['step_time_vs_lora']:.2f}× LoRA's step)"
+                         for n, c in sorted(ok.items()) if c["trainable_parameters"] == fewest)
+        lines.append(f"- {result['tasks'][t]['title']}, fewest trainable parameters ({fewest:,}): {rows}.")
+    return lines
 
 
 def plot(result: dict) -> None:

@@ -2,13 +2,15 @@
 
 The same LoRA (r=8, alpha=16 on q_proj/v_proj, each ``--dropouts`` value) on the same model (petuner's
 ``load_model``: the same weights), the same chatterbot batches in the same order (the order of petuner's
-``Loop.micro_batches``: epoch 0 shuffled with ``torch.randperm`` seeded by trainer.seed), batch 8,
+``Loop.step_batches``: epoch 0 shuffled with ``torch.randperm`` seeded by trainer.seed), batch 8,
 fused AdamW, gradient clipping at 1.0, cosine schedule with 2 warmup steps, bf16 autocast on CUDA and fp32
 on CPU. Contenders:
 
 - ``petuner``: ``petuner.run.run``; step times and tokens/s read from the run's ``metrics.jsonl``.
-- ``petuner-all-logits``: the same with ``trainer.labelled_logits=false``: the output layer runs at every
-  position, as in the peers, so this row is the loop against the loop.
+- ``petuner-all-logits``: the same with ``trainer.labelled_logits=false`` and ``trainer.loss_chunk=null``: the
+  output layer runs at every position, as in the peers, so this row is the loop against the loop. With
+  ``--all-logits-mlp plain`` (the default) the lean SwiGLU is off too (the MLPs save what the peers' do), so
+  the row measures the loop alone; ``lean`` keeps it on (the committed results before #30 ran that way).
 - ``peft+torch``: ``peft.get_peft_model`` and the textbook loop (forward, backward, clip, step, schedule).
 - ``peft+Trainer``: ``peft.get_peft_model`` and ``transformers.Trainer`` (max_steps, no evaluation, no saving,
   no reporting); a step is timed from ``on_step_begin`` to ``on_step_end``, which leaves out Trainer's batch
@@ -25,7 +27,10 @@ trained ones; attention's own products and the padding are not counted. Every ru
 the base model's loss on the same first batch (LoRA's B starts at zero), so equal first losses show the
 contenders did the same work. Writes benchmarks/results/vs_peft.{json,md,png}.
 
-    .venv/bin/python benchmarks/vs_peft.py   # the defaults are what the committed results ran
+    .venv/bin/python benchmarks/vs_peft.py   # the defaults are what vs_peft.json ran (but --all-logits-mlp)
+    .venv/bin/python benchmarks/vs_peft.py --models smollm2_135m --steps 6 --repeats 2 --out vs_peft_loop_alone
+
+The load average (1, 5, 15 min) is read at every run's start and written with the results.
 
 ``--case labelled|packed|long`` runs the other comparisons (fully labelled rows, packed SFT, long rows;
 ``benchmarks/vs_peft_cases.py``), each with a per-phase peak-memory breakdown (``memory_phases.py``).
@@ -308,7 +313,12 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['memory']}, median [min–max] over the repeats. Matmul peak: {result['peak_flops'] / 1e9:.1f} "
              f"GFLOP/s ({result['peak_what']}). Ratios are petuner / peer (below 1: petuner faster or smaller): "
              "time, the median [interquartile range] of the per-step ratios on the same batch of the same repeat; "
-             "memory, of the medians.", "",
+             "memory, of the medians. petuner-all-logits: every position's logits, no chunked loss, "
+             + {"plain": "lean SwiGLU off (the loop alone).", "lean": "lean SwiGLU on.",
+                None: "lean SwiGLU on (runs before the --all-logits-mlp switch)."}[result.get("all_logits_mlp")],
+             "", "Load average (1, 5, 15 min) at each run's start: "
+             + ("; ".join(result["loadavg_at_each_run"]) if "loadavg_at_each_run" in result else "not recorded")
+             + ".", "",
              "| model | dropout | contender | step time | tokens/s | peak memory | MFU | time ratio | memory ratio |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for key, rows in result["settings"].items():
@@ -364,8 +374,11 @@ def main() -> None:
                         help="steps per run, one per model (the first is not timed)")
     parser.add_argument("--dropouts", nargs="+", type=float, default=[0.05])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--note", default="a shared 2-core CPU with other work running (load average ~4-8)",
-                        help="the machine's conditions, written next to the numbers")
+    parser.add_argument("--note", default="", help="anything else about the machine, written next to the numbers "
+                        "(the load average at every run's start is recorded anyway)")
+    parser.add_argument("--all-logits-mlp", choices=["plain", "lean"], default="plain",
+                        help="petuner-all-logits: plain (lean SwiGLU off: the loop alone) or lean (on)")
+    parser.add_argument("--out", default="vs_peft", help="results file name under benchmarks/results/")
     parser.add_argument("--render", action="store_true", help="rewrite the .md and .png from the saved .json")
     parser.add_argument("--case", choices=["lora", *CASES], default="lora",
                         help="lora: the chatterbot comparison above; the others: see CASES")
@@ -384,7 +397,7 @@ def main() -> None:
         run_case(args.case, args.repeats, args.note, spawn, summarise, matmul_peak, args.live_memory, args.contenders)
         return
     if args.render:
-        render(json.loads((RESULTS / "vs_peft.json").read_text()))
+        render(json.loads((RESULTS / f"{args.out}.json").read_text()), args.out)
         return
     if len(args.steps) != len(args.models):
         parser.error("--steps needs one value per model")
@@ -393,12 +406,15 @@ def main() -> None:
 
     peak, what = matmul_peak()
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    loads: list[str] = []
+    plain = ("trainer.lean_swiglu=false",) if args.all_logits_mlp == "plain" else ()
     start = time.perf_counter()
     for rep in range(args.repeats):
         for model, steps in zip(args.models, args.steps, strict=True):
             for dropout in args.dropouts:
                 for contender in CONTENDERS:
-                    r = spawn(contender, model, dropout, steps)
+                    loads.append(" ".join(Path("/proc/loadavg").read_text().split()[:3]))
+                    r = spawn(contender, model, dropout, steps, *(plain if contender == "petuner-all-logits" else ()))
                     runs.setdefault(f"{model}@{dropout}", {}).setdefault(contender, []).append(r)
                     print(f"rep {rep + 1} {model} dropout={dropout} {contender}: median step "
                           f"{statistics.median(r['step_s'][1:]) * 1e3:.0f} ms, peak {r['peak_bytes'] / 2**20:.0f} MiB, "
@@ -407,7 +423,8 @@ def main() -> None:
     peak = max(peak, peak2)
     cuda = torch.cuda.is_available()
     machine_short = torch.cuda.get_device_name() + ", bf16" if cuda else f"CPU, {torch.get_num_threads()} threads, fp32"
-    result = {"machine": machine_short + ("" if cuda else f", {args.note}"), "machine_short": machine_short,
+    result = {"machine": machine_short + (f", {args.note}" if args.note and not cuda else ""),
+              "machine_short": machine_short, "loadavg_at_each_run": loads, "all_logits_mlp": args.all_logits_mlp,
               "memory": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS (model loading included)",
               "torch": torch.__version__, "repeats": args.repeats, "dropouts": args.dropouts,
               "steps": dict(zip(args.models, args.steps, strict=True)), "peak_flops": peak, "peak_what": what,
@@ -415,16 +432,16 @@ def main() -> None:
               "settings": {k: {c: summarise(v[c], peak) for c in CONTENDERS} for k, v in runs.items()},
               "runs": runs}
     RESULTS.mkdir(exist_ok=True)
-    render(result)
+    render(result, args.out)
 
 
-def render(result: dict[str, Any]) -> None:
+def render(result: dict[str, Any], name: str = "vs_peft") -> None:
     """Paired ratios from the raw runs, then the .json, .md and .png."""
     result["paired_time_ratio"] = {k: {p: paired_ratios(v["petuner"], v[p]) for p in PEERS}
                                    for k, v in result["runs"].items()}
-    (RESULTS / "vs_peft.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / "vs_peft.md").write_text(markdown(result))
-    plot(result, RESULTS / "vs_peft.png")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(result))
+    plot(result, RESULTS / f"{name}.png")
     print(markdown(result))
 
 

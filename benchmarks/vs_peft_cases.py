@@ -94,7 +94,8 @@ def run_case(case: str, repeats: int, note: str, spawn: Callable[..., dict[str, 
                   f"peak {r['peak_bytes'] / 2**20:.0f} MiB [{time.perf_counter() - start:.0f} s]", flush=True)
     cuda = torch.cuda.is_available()
     threads = torch.get_num_threads()
-    machine = torch.cuda.get_device_name() + ", bf16" if cuda else f"CPU, {threads} threads, fp32, {note}"
+    machine = (torch.cuda.get_device_name() + ", bf16" if cuda
+               else f"CPU, {threads} threads, fp32" + (f", {note}" if note else ""))
     result = {"case": case, "live_memory": live_memory, "title": spec["title"], "model": MODEL, "machine": machine,
               "repeats": repeats,
               "steps": spec["steps"], "overrides": list(spec["overrides"]), "peak_flops": peak, "peak_what": what,

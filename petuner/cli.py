@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from petuner.choices import DIRECTIONS, EXPORT_FORMATS, GGUF_DTYPES
+from petuner.cli_serve import add_adapter_options, add_export_options, add_merge_command
 from petuner.errors import PetunerError
 from petuner.ui import add_parser as add_ui_parser
 
 
 def _export(args: argparse.Namespace) -> None:
+    from petuner.cli_serve import export_options
     from petuner.export import export
 
-    suffix = ".gguf" if args.format == "gguf" else ""
+    suffix = ".gguf" if args.format.startswith("gguf") else ""
     out = export(args.run_dir, args.format, args.out or f"{args.run_dir.rstrip('/')}/export-{args.format}{suffix}",
                  force=args.force, rank=args.rank, checkpoint=args.checkpoint, dtype=args.dtype,
-                 trust_remote_code=args.trust_remote_code)
+                 trust_remote_code=args.trust_remote_code, **export_options(args))
     print(out)
 
 
@@ -37,7 +39,8 @@ def _sampling(args: argparse.Namespace) -> Any:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from petuner.generate import generate_file, load_generator, read_prompts
+    from petuner.cli_serve import generator, prompts_and_routes
+    from petuner.generate import generate_file
 
     if (args.prompt is None) == (args.file is None):
         raise PetunerError("give either --prompt TEXT or --file prompts.jsonl (with --out answers.jsonl)")
@@ -46,20 +49,21 @@ def _generate(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise PetunerError(f"--batch-size {args.batch_size}: must be >= 1")
     sampling = _sampling(args)
-    prompts = read_prompts(Path(args.file)) if args.file else [args.prompt]
-    gen = load_generator(args.run_dir, checkpoint=args.checkpoint, trust_remote_code=args.trust_remote_code)
+    gen = generator(args)
+    prompts, names = prompts_and_routes(args, gen)
     if args.file:
-        generate_file(gen, prompts, Path(args.out), sampling, args.batch_size)
+        generate_file(gen, prompts, Path(args.out), sampling, args.batch_size, names)
         print(args.out)
     else:
-        print(gen.answer(prompts, sampling)[0])
+        print(gen.answer(prompts, sampling, names)[0])
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from petuner.generate import chat, load_generator
+    from petuner.cli_serve import generator
+    from petuner.generate import chat
 
     sampling = _sampling(args)
-    gen = load_generator(args.run_dir, checkpoint=args.checkpoint, trust_remote_code=args.trust_remote_code)
+    gen = generator(args)
     print("chatting with", args.run_dir, "(/reset clears the history, /exit or Ctrl-D leaves)", file=sys.stderr)
     chat(gen, sampling, sys.stdin, sys.stdout)
 
@@ -162,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--file", help="prompts.jsonl: one {\"prompt\": ...} per line")
     gen.add_argument("--out", help="answers.jsonl for --file: {prompt, response} per line")
     gen.add_argument("--batch-size", type=int, default=8)
+    add_adapter_options(gen)
     _sampling_args(gen)
     gen.set_defaults(func=_generate)
     talk = commands.add_parser("chat", help="talk to a trained run on stdin, answers streamed")
     _loading_args(talk)
+    add_adapter_options(talk)
     _sampling_args(talk)
     talk.set_defaults(func=_chat)
     ev = commands.add_parser("eval", help="held-out loss, perplexity or accuracy on other data (data=... overrides)")
@@ -180,8 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=GGUF_DTYPES, help="GGUF tensor type (default f16)")
     exp.add_argument("--out", help="destination folder, or file for gguf (default: RUN_DIR/export-FORMAT)")
     exp.add_argument("--force", action="store_true", help="replace a non-empty destination")
-    exp.add_argument("--rank", type=int, help="export a rank-dynamic adapter (dylora) truncated to this rank")
+    exp.add_argument("--rank", type=int, help="export a rank-dynamic adapter (dylora) truncated to this rank, or "
+                                              "with --as-lora the rank of the truncated SVD")
+    add_export_options(exp)
     exp.set_defaults(func=_export)
+    add_merge_command(commands)
     ranks = commands.add_parser("eval-ranks", help="evaluate a DyLoRA run at every rank 1..r (JSON, markdown, PNG)")
     ranks.add_argument("run_dir")
     ranks.add_argument("--out", help="folder for rank_eval.{json,md,png} (default: RUN_DIR)")

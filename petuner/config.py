@@ -9,6 +9,7 @@ Each config group has one schema per choice, a dataclass next to the code that r
     optimizer  petuner.optim.schema.<Optimizer>Schema      <optimizer name>_schema
     trainer    petuner.train.schema.TrainerSchema          trainer_schema
     logger     petuner.train.logging.LoggerSchema          (one schema for any mix of sinks; checked by validate)
+    loss       <objective module>.<Objective>Schema         <objective name>_schema (loss=dpo: dpo_schema)
 
 ``register_schemas`` stores them (``train.py`` and ``compose_config`` call it before Hydra composes).
 Composing then refuses a key a schema lacks and a value of the wrong type; both become one
@@ -37,7 +38,7 @@ SHIPPED = "pkg://petuner.conf"  # the config groups inside the package (conf/ in
 SHIPPED_PRIMARY = "petuner"  # conf/config.yaml, also in the ConfigStore under this name (see primary_search_path)
 CONF_DIR = Path(str(importlib.resources.files("petuner.conf")))  # the same folder on disk, for listing choices
 EXPORTS = (None, "merged", "peft")
-GROUPS = ("model", "data", "adapter", "optimizer", "trainer", "logger")
+GROUPS = ("model", "data", "adapter", "optimizer", "trainer", "logger", "loss")
 
 
 def schemas() -> dict[str, dict[str, type]]:
@@ -45,6 +46,7 @@ def schemas() -> dict[str, dict[str, type]]:
     from petuner.adapters.registry import adapter_names, get_adapter_class
     from petuner.data.schema import DataSchema
     from petuner.models import ModelSchema
+    from petuner.objectives import get_objective_class, objective_names
     from petuner.optim import OPTIMIZERS
     from petuner.train.schema import TrainerSchema
 
@@ -55,6 +57,7 @@ def schemas() -> dict[str, dict[str, type]]:
         "optimizer": {f"{n}_schema": spec.schema for n, spec in OPTIMIZERS.items()},
         "trainer": {"trainer_schema": TrainerSchema},
         "logger": {},  # one schema for every choice and their mixes: petuner.train.logging.LoggerSchema
+        "loss": {f"{n}_schema": get_objective_class(n).schema for n in objective_names()},
     }
 
 
@@ -73,12 +76,15 @@ def register_schemas() -> None:
 def group_schema(cfg: DictConfig, group: str) -> type:
     """The schema a composed group must follow: the one its ``name`` picks where the group has several."""
     from petuner.adapters.registry import get_adapter_class
+    from petuner.objectives import get_objective_class
     from petuner.optim import optimizer_schema
     from petuner.train.logging import LoggerSchema
 
     node = cfg[group]
     if group == "adapter":
         return get_adapter_class(str(node.name)).schema
+    if group == "loss":
+        return get_objective_class(str(node.name)).schema
     if group == "optimizer":
         return optimizer_schema(str(node.name))
     if group == "logger":
@@ -92,6 +98,7 @@ class Plan:
 
     method: Any  # the adapter method (petuner.adapters.AdapterMethod), options checked
     data: DictConfig  # the data group, checked against its schema and the model's task
+    objective: Any = None  # the training objective (petuner.objectives), options checked
 
 
 def choice_name(cfg: DictConfig, group: str) -> str:
@@ -104,9 +111,11 @@ def validate(cfg: DictConfig) -> Plan:
     """Check every group of a composed run config; raises ConfigError naming the first bad value."""
     from petuner.adapters import build_adapter
     from petuner.choices import DIRECTIONS, TASK_METRICS
+    from petuner.continued import continue_from
     from petuner.data.schema import check_data_combination
     from petuner.extras import check_loggers
     from petuner.models import check_model_combination
+    from petuner.objectives import build_objective
     from petuner.train.logging import logger_names
     from petuner.train.schema import check_trainer_combination
 
@@ -114,21 +123,25 @@ def validate(cfg: DictConfig) -> Plan:
         if group not in cfg or not isinstance(cfg[group], DictConfig):
             raise ConfigError(f"config group {group!r} is missing from the run config")
     checked = {group: conform(group_schema(cfg, group), cfg[group], group, choice_name(cfg, group))
-               for group in GROUPS if group != "adapter"}
+               for group in GROUPS if group not in ("adapter", "loss")}
     check_model_combination(checked["model"])
     check_data_combination(checked["data"], checked["model"].task)
+    continue_from(cfg)
     method = build_adapter(cfg.adapter)
+    objective = build_objective(cfg.loss)
     check_trainer_combination(checked["trainer"])
     check_loggers(logger_names(checked["logger"]))
-    if cfg.objective not in DIRECTIONS:
-        raise ConfigError(f"objective={cfg.objective!r}: allowed: {', '.join(DIRECTIONS)}")
     task = checked["model"].task
-    if cfg.objective not in TASK_METRICS[task]:
+    objective.check_run(task, method, checked["data"], continued=bool(cfg.get("init_from")))
+    if cfg.objective not in DIRECTIONS:  # the metrics this loss measures on any task
+        raise ConfigError(f"objective={cfg.objective!r}: allowed: {', '.join(objective.measures)}")
+    measured = [m for m in objective.measures if m in TASK_METRICS[task]]
+    if cfg.objective not in measured:  # loss=dpo: the rewards, not perplexity
         raise ConfigError(f"objective={cfg.objective} is not measured for model.task={task}; "
-                          f"allowed: {', '.join(TASK_METRICS[task])}")
+                          f"allowed: {', '.join(measured)}")
     if cfg.get("export") not in EXPORTS:
         raise ConfigError(f"export={cfg.export!r}: allowed: null, merged, peft")
-    return Plan(method=method, data=checked["data"])
+    return Plan(method=method, data=checked["data"], objective=objective)
 
 
 def search_dirs(config_dir: Path | None = None) -> list[Path]:

@@ -2,8 +2,10 @@
 
 The data comes from the same config group and Hydra overrides as training (``compose_config``), is
 read and tokenized by the same data layer, and scored by the training loop's own ``evaluate`` — so
-evaluating a run on the data it trained on reproduces its final ``eval/*`` numbers. The metrics are
-written to ``RUN_DIR/eval-<name>.json``.
+evaluating a run on the data it trained on reproduces its final ``eval/*`` numbers. Preference pairs are
+scored as a preference run trained: its own objective against its own reference (the adapter switched
+off, the run it continued, or the base model), giving eval/rewards/accuracies and the other rewards. The
+metrics are written to ``RUN_DIR/eval-<name>[-<checkpoint>][-all].json`` (``report_file``).
 """
 
 from __future__ import annotations
@@ -40,18 +42,38 @@ def report_name(data_cfg: Any) -> str:
     return Path(str(data_cfg.path)).stem if data_cfg.format == "jsonl" else str(data_cfg.name)
 
 
+def report_file(data_cfg: Any, checkpoint: str | None, split: str) -> str:
+    """``eval-<name>.json`` for the final weights on the held-out split; other weights and ``--split all``
+    add ``-<checkpoint>`` (best, step-N) and ``-all``, so each scoring keeps its own file."""
+    parts = [f"eval-{report_name(data_cfg)}"]
+    if checkpoint and checkpoint != "last":
+        parts.append(f"step-{int(checkpoint.removeprefix('step-'))}" if checkpoint.startswith("step-") else checkpoint)
+    if split != "eval":
+        parts.append(split)
+    return "-".join(parts) + ".json"
+
+
+def every_example(data: Any) -> None:
+    """``--split all``: each source's held-out set becomes all of its examples (its training examples before
+    mixing, so each counts once whatever its mixture weight), and the combined set all of those."""
+    from datasets import concatenate_datasets
+
+    data.evals = {name: concatenate_datasets([data.trains[name], held_out]) for name, held_out in data.evals.items()}
+    data.eval = concatenate_datasets(list(data.evals.values()))
+
+
 def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "eval", batch_size: int = 16,
                  checkpoint: str | None = None, trust_remote_code: bool = False) -> tuple[Path, dict[str, Any]]:
     """Score the model in ``path`` on the data the overrides name; returns the report's path and contents."""
-    from datasets import concatenate_datasets
-
     import petuner
-    from petuner.data import TASK_OF_KIND, build_data, source_configs
+    from petuner.data import TASKS_OF_KIND, build_data, source_configs
     from petuner.data.columns import prepare
     from petuner.data.sources import load_source
     from petuner.run_folder import folder_labels, folder_task
+    from petuner.run_folder import load as load_run
     from petuner.train.device import resolve_device
     from petuner.train.loop import evaluate
+    from petuner.train.objective import Objective
 
     if split not in SPLITS:
         raise PetunerError(f"--split {split!r}: allowed: {', '.join(SPLITS)}")
@@ -61,24 +83,61 @@ def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "ev
     for src in source_configs(data_cfg):  # checked on the rows, before any weights load
         dataset, where = load_source(src)
         kind = prepare(dataset, src.kind, where, src.columns)[1]
-        if TASK_OF_KIND[kind] != task:
-            raise ConfigError(f"data={report_name(data_cfg)} is {kind} data, for a {TASK_OF_KIND[kind]} model, "
-                              f"but {path} is a {task} model")
+        if task not in TASKS_OF_KIND[kind]:
+            raise ConfigError(f"data={report_name(data_cfg)} is {kind} data, for a "
+                              f"{' or '.join(TASKS_OF_KIND[kind])} model, but {path} is a {task} model")
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
-    model, tokenizer = petuner.load(path, trust_remote_code=trust_remote_code, **kwargs)
+    if kind == "preference":  # scored as the run trained: its objective and its reference
+        loaded = load_run(path, trust_remote_code=trust_remote_code, **kwargs)
+        model, tokenizer, objective = loaded.model, loaded.tokenizer, run_objective(loaded)
+    else:
+        (model, tokenizer), objective = petuner.load(path, trust_remote_code=trust_remote_code, **kwargs), Objective()
     data = build_data(data_cfg, tokenizer, task)
     if data.label_names != folder_labels(path):
         raise PetunerError(f"the data's labels {data.label_names} differ from the ones {path} learnt "
                            f"{folder_labels(path)}")
     if split == "all":
-        data.eval = concatenate_datasets([data.train, data.eval])
+        every_example(data)
     device = resolve_device("auto")
-    metrics = evaluate(model.to(device), data, batch_size, device, None)
+    if getattr(objective, "needs_reference", False):
+        objective.reference = run_reference(loaded, device)
+    metrics = evaluate(model.to(device), data, batch_size, device, None, objective)
     report = {"model": str(path), "checkpoint": checkpoint or "last", "data": _plain(data_cfg),
               "split": split, "examples": len(data.eval), **metrics}
-    out = path / f"eval-{report_name(data_cfg)}.json"
+    out = path / report_file(data_cfg, checkpoint, split)
     atomic_write_json(out, report)
     return out, report
+
+
+def run_objective(loaded: Any) -> Any:
+    """The run's own preference objective, to score held-out pairs (loss, rewards, reward accuracy)."""
+    from petuner.objectives import build_objective
+    from petuner.objectives.pairs import Pairs
+
+    loss = loaded.cfg.get("loss") or {"name": "sft"}
+    objective = build_objective({k: v for k, v in loss.items() if k != "precompute_reference"})
+    if not isinstance(objective, Pairs):
+        raise ConfigError(f"preference pairs score a run trained with a preference loss (dpo, simpo, orpo, reward); "
+                          f"this run trained with loss={loss['name']}")
+    return objective
+
+
+def run_reference(loaded: Any, device: Any) -> Any:
+    """The reference the run trained against: its starting adapter (``init_from``), the base model (full
+    fine-tuning), or the adapter switched off."""
+    from petuner.objectives.reference import FrozenCopy, StartingAdapter, build_reference
+    from petuner.run_folder import build_base_with_adapter
+    from petuner.run_folder import load as load_run
+
+    model, cfg = loaded.model.to(device), loaded.cfg
+    if cfg.get("init_from"):
+        start = load_run(str(cfg.init_from)).model.to(device)
+        reference = StartingAdapter(model)
+        reference.start = [p.detach() for p in start.parameters() if p.requires_grad]
+        return reference
+    if loaded.method.name == "none":
+        return FrozenCopy(build_base_with_adapter(cfg, loaded.info)[0].to(device))
+    return build_reference(model, loaded.method, continued=False, heads=loaded.info.get("head_modules") or [])
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

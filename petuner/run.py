@@ -20,13 +20,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from petuner import __version__
 from petuner.adapters import Injection, adapter_state_dict, inject
-from petuner.adapters.capabilities import OwnsOptimizerParameters, PreparesFromData, QuantizedBase
+from petuner.adapters.capabilities import ComposesRuns, OwnsOptimizerParameters, PreparesFromData, QuantizedBase
 from petuner.config import validate
+from petuner.continued import load_starting_weights
 from petuner.data import build_data
-from petuner.data.packing import attend_within_examples, pack_bundle
+from petuner.data.packing import attend_within_examples, check_packing_exact, pack_bundle
 from petuner.data.report import describe
 from petuner.data.schema import check_max_length
 from petuner.errors import PetunerError
+from petuner.families import check_family
 from petuner.io import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -38,6 +40,7 @@ from petuner.io import (
 )
 from petuner.manifest import write_manifest
 from petuner.models import context_length, head_modules, load_model, load_tokenizer, model_config, model_source
+from petuner.objectives.reference import build_reference, precompute_reference
 from petuner.optim import build_optimizer, build_scheduler, check_optimizer_for_trainer
 from petuner.run_folder import read_config
 from petuner.train import distributed
@@ -52,11 +55,12 @@ from petuner.train.lean_swiglu import lean_swiglu
 from petuner.train.logging import MetricsLog
 from petuner.train.loop import Loop, total_steps
 from petuner.train.memory import MemoryHook
+from petuner.train.objective import Objective
 from petuner.train.precision import adapter_dtype, check_precision, dtype_report, full_finetuning, upcast_trainable
+from petuner.train.resume import check_length, check_unchanged, follow_schedule
+from petuner.train.router_loss import route_losses
 
 log = logging.getLogger(__name__)
-# Sections whose change makes a checkpoint meaningless for the run (trainer.max_steps may grow).
-RESUME_SECTIONS = ("model", "data", "adapter", "optimizer")
 
 
 def prepare_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
@@ -77,12 +81,16 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     if checkpoint is None:
         raise PetunerError(f"trainer.resume=true but run_dir={str(run_dir)!r} has no checkpoint")
     check_world_size(checkpoint)
-    saved = read_config(run_dir)
-    for section in RESUME_SECTIONS:
-        if OmegaConf.to_container(saved[section], resolve=True) != OmegaConf.to_container(cfg[section], resolve=True):
-            raise PetunerError(f"trainer.resume=true but the {section} config differs from the one "
-                               f"{run_dir}/{CONFIG_FILE} trained with")
+    check_unchanged(read_config(run_dir), cfg, run_dir)
     return run_dir, checkpoint
+
+
+def check_resume_length(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, train_rows: int) -> None:
+    """A resumed run's length against its checkpoint (needs the data: ``trainer.epochs`` counts its rows)."""
+    if checkpoint is not None:
+        saved = read_config(run_dir).trainer
+        check_length(_checkpoint_step(checkpoint), total_steps(cfg.trainer, train_rows),
+                     total_steps(saved, train_rows), str(cfg.optimizer.schedule))
 
 
 def seed_everything(seed: int) -> None:
@@ -113,11 +121,40 @@ class Setup:
     compute_dtype: torch.dtype | None
     run_dir: Path
     checkpoint: Path | None
+    objective: Objective
+
+
+def install_training_paths(model: torch.nn.Module, trainer: DictConfig, task: str) -> None:
+    """What ``trainer`` puts between the adapted model and the loss: the output path (labelled logits, chunked
+    loss), a mixture of experts' router loss, the lean SwiGLU, checkpointing, compilation. One function, so tests
+    train through what runs do."""
+    install_output_path(model, trainer, task)
+    route_losses(model)
+    if trainer.lean_swiglu:
+        log.info("lean SwiGLU: %d MLPs save two of their three activations", lean_swiglu(model))
+    if trainer.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if trainer.compile:
+        compile_model(model)
+
+
+def _composed_sources(cfg: DictConfig, method: Any, *, read: bool) -> None:
+    """A method built over earlier runs (aTLAS): check they share this run's base (one line if not), and with
+    ``read`` hand their updates over."""
+    if not isinstance(method, ComposesRuns):
+        return
+    from petuner.merge import check_sources, read_sources
+
+    if read:
+        method.compose(read_sources(cfg, method.sources()))
+    else:
+        check_sources(cfg, method.sources())
 
 
 def set_up(cfg: DictConfig) -> Setup:
     """Check everything cheap first (config, run folder, targets on a weightless copy), then load and adapt."""
     plan = validate(cfg)
+    _composed_sources(cfg, plan.method, read=False)  # aTLAS's sources share this base, before anything is written
     distributed.init_from_env()
     distributed.check_launch(cfg)
     with open_dict(cfg):  # one folder for all ranks, even if their clocks named Hydra's default differently
@@ -132,17 +169,21 @@ def set_up(cfg: DictConfig) -> Setup:
     method = plan.method
     method.device = device  # decompositions and quantization run where the model will train
     check_precision(cfg.model, method, compute_dtype)
-    check_max_length(plan.data, context_length(model_config(cfg.model)))
+    config = model_config(cfg.model)
+    check_max_length(plan.data, context_length(config))
+    check_family(cfg.model, config, bool(cfg.data.packing))
 
+    _composed_sources(cfg, method, read=True)
     skeleton = load_model(cfg.model, meta=True)  # structure only: checks targets in milliseconds
     heads = head_modules(skeleton, cfg.model.task)
     method.select_targets(skeleton, exclude=heads)
 
     tokenizer = load_tokenizer(cfg.model)
-    data = build_data(plan.data, tokenizer, cfg.model.task)
+    data = build_data(plan.data, tokenizer, cfg.model.task, check_kind=plan.objective.check_data_kind)
     if cfg.data.packing:
         data = pack_bundle(data, tokenizer, cfg.data.max_length, cfg.data.split_seed)
     log.info("data:\n%s", describe(data, tokenizer, examples=1))
+    check_resume_length(cfg, run_dir, checkpoint, len(data.train))
 
     model = load_model(cfg.model, data.num_labels)
     if cfg.data.packing:
@@ -153,23 +194,34 @@ def set_up(cfg: DictConfig) -> Setup:
             method.prepare(model, batches, exclude=heads)
     seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
     injection = inject(model, method, heads, adapter_dtype=adapter_dtype(cfg.model))
+    if cfg.get("init_from"):
+        load_starting_weights(model, str(cfg.init_from))
+        log.info("starting from the adapter of %s", cfg.init_from)
     if compute_dtype is not None and not full_finetuning(method):
         upcast_trainable(model, adapter_dtype(cfg.model))  # heads, biases: autocast handles the mixed dtypes
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.3f%%); adapter=%s on %d modules", f"{trainable:,}",
              f"{total:,}", 100 * trainable / total, method.name, len(injection.targets))
     model.to(device)
+    if cfg.data.packing:
+        check_packing_exact(model)  # a family no table lists as leaking is proven not to, on these weights
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # training never reads the KV cache back; building it only costs memory
-    install_output_path(model, cfg.trainer, cfg.model.task)
-    if cfg.trainer.lean_swiglu:
-        log.info("lean SwiGLU: %d MLPs save two of their three activations", lean_swiglu(model))
-    if cfg.trainer.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.trainer.compile:
-        compile_model(model)
+    install_training_paths(model, cfg.trainer, cfg.model.task)
+    if plan.objective.needs_reference:  # after the paths: the reference scores through the same output path
+        set_reference(plan.objective, model, method, data, cfg, heads, device, compute_dtype)
     return Setup(model=model, method=method, data=data, injection=injection, device=device,
-                 compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint)
+                 compute_dtype=compute_dtype, run_dir=run_dir, checkpoint=checkpoint, objective=plan.objective)
+
+
+def set_reference(objective: Any, model: torch.nn.Module, method: Any, data: Any, cfg: DictConfig, heads: list[str],
+                  device: torch.device, compute_dtype: torch.dtype | None) -> None:
+    """A preference objective's reference: precomputed over the data now, or a model to run at every step."""
+    if objective.cfg.get("precompute_reference"):
+        log.info("precomputing the reference's log-probabilities over %d + %d pairs", len(data.train), len(data.eval))
+        precompute_reference(model, data, cfg.trainer.eval_batch_size, device, compute_dtype)
+    else:
+        objective.reference = build_reference(model, method, bool(cfg.get("init_from")), heads)
 
 
 def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
@@ -181,10 +233,12 @@ def run_info(cfg: DictConfig, s: Setup) -> dict[str, Any]:
         "targets": s.injection.targets, "head_modules": s.injection.head_modules,
         "trainable_parameters": trainable, "total_parameters": total,
         "device": str(s.device), **dtype_report(s.model, s.compute_dtype),
-        "train_examples": len(s.data.train), "eval_examples": len(s.data.eval),
+        # examples as examples; under data.packing also the rows they were packed into (what a batch counts)
+        **{k: s.data.report[k] for k in ("train_examples", "eval_examples", "train_rows", "eval_rows")
+           if k in s.data.report},
         "processes": distributed.world_size(), "data": s.data.report,
     }
-    if isinstance(s.method, QuantizedBase):
+    if isinstance(s.method, (QuantizedBase, ComposesRuns)):
         info["adapter_report"] = s.method.report()
     return info
 
@@ -216,11 +270,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           cfg.trainer.early_stopping_min_delta, enabled=bool(cfg.trainer.eval_every))
     loop = Loop(model=model, data=s.data, optimizer=optimizer, scheduler=scheduler,
                 scaler=scaler, hooks=[stop, guard, *s.method.hooks(model), best, memory], cfg=cfg.trainer,
-                device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics, trained=trained)
+                device=device, compute_dtype=compute_dtype, run_dir=run_dir, metrics=metrics, trained=trained,
+                objective=s.objective)
     distributed.seed_rank(cfg.trainer.seed)  # after every seeded draw all ranks share: dropout differs per rank
     start = 0
     if s.checkpoint is not None:
         start = load_checkpoint(s.checkpoint, model, optimizer, scheduler, loop.scaler, loop.hooks)
+        follow_schedule(scheduler)  # the rates of this run's length, which may differ from the checkpoint's
         log.info("resumed from %s (step %d)", s.checkpoint, start)
     reset_peak_memory(device)
     try:

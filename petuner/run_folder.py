@@ -92,12 +92,12 @@ def read_info(run_dir: Path | str) -> dict[str, Any]:
 def build_base_with_adapter(cfg: DictConfig, info: dict[str, Any]) -> tuple[nn.Module, Any]:
     """The run's base model (on CPU) with its adapter injected, weights as initialised."""
     from petuner.adapters import build_adapter, inject
-    from petuner.adapters.capabilities import QuantizedBase
+    from petuner.adapters.capabilities import ComposesRuns, QuantizedBase
     from petuner.models import load_model
 
     model = load_model(cfg.model, num_labels=len(info.get("label_names") or []) or None)
     method = build_adapter(cfg.adapter)
-    if isinstance(method, QuantizedBase):
+    if isinstance(method, (QuantizedBase, ComposesRuns)):
         method.restore(info.get("adapter_report") or {})
     injection = inject(model, method, info["head_modules"])
     if injection.targets != info["targets"]:
@@ -148,8 +148,9 @@ def folder_labels(path: Path | str) -> list[str]:
 
 
 def load(run_dir: Path | str, *, weights: str | Path | None = None, checkpoint: str | None = None,
-         trust_remote_code: bool = False) -> LoadedRun:
-    """The trained model (eval mode, CPU, adapter un-merged) and its tokenizer.
+         trust_remote_code: bool = False, tokenizer: bool = True) -> LoadedRun:
+    """The trained model (eval mode, CPU, adapter un-merged) and its tokenizer (None with ``tokenizer=False``:
+    merging reads only weights).
 
     ``checkpoint`` (best, last, step-N) or ``weights`` (a file) picks other weights than the final ones.
     """
@@ -174,7 +175,8 @@ def load(run_dir: Path | str, *, weights: str | Path | None = None, checkpoint: 
         raise PetunerError(f"{weights}: not a readable safetensors file ({err})") from None
     load_adapter_state_dict(model, state)
     model.eval()
-    return LoadedRun(model=model, tokenizer=load_tokenizer(cfg.model), cfg=cfg, info=info, method=method)
+    return LoadedRun(model=model, tokenizer=load_tokenizer(cfg.model) if tokenizer else None, cfg=cfg, info=info,
+                     method=method)
 
 
 def load_export(folder: Path, manifest: dict[str, Any], *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:

@@ -49,8 +49,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "petuner train") -> None
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     entry = hydra_entry(line.config_dir, line.config_name)  # the user's folder first, then the shipped groups
-    sys.argv = [prog, *entry.overrides, *without_config_dir(argv)]
+    sys.argv = [prog, *with_overrides(without_config_dir(argv), line.overrides, entry.overrides)]
     hydra.main(config_path=entry.config_path, config_name=entry.config_name, version_base="1.3")(_train)()
+
+
+def with_overrides(argv: list[str], present: Sequence[str], added: Sequence[str]) -> list[str]:
+    """``added`` overrides placed beside the command line's own: argparse reads one run of positional words, so
+    ``hydra.searchpath=... -m a=1`` would leave ``a=1`` unrecognised."""
+    at = argv.index(present[0]) if present else 0
+    return [*argv[:at], *added, *argv[at:]]
 
 
 def without_config_dir(argv: Sequence[str]) -> list[str]:

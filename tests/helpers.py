@@ -10,6 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from petuner.config import compose_config
+from petuner.data.preference import PairCollator
+from petuner.data.sft import IGNORE
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -43,6 +45,22 @@ def shipped_cfg(group: str, name: str, /, *overrides: str, **values: Any) -> Dic
 def batches(n: int, vocab: int = 128, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (4, 16), generator=g) for _ in range(n)]
+
+
+def pair_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Three pairs of random tokens (a shared prompt, completions of different lengths) through petuner's collator."""
+    g = torch.Generator().manual_seed(seed)
+
+    def side(prompt: list[int], longest: int) -> tuple[list[int], list[int]]:
+        reply = torch.randint(3, 128, (int(torch.randint(2, longest, (1,), generator=g)),), generator=g).tolist()
+        return prompt + reply, [IGNORE] * len(prompt) + reply
+
+    rows = []
+    for n in torch.randint(3, 7, (3,), generator=g).tolist():
+        prompt = torch.randint(3, 128, (n,), generator=g).tolist()
+        (ids, labels), (r_ids, r_labels) = side(prompt, 6), side(prompt, 7)
+        rows.append({"input_ids": ids, "labels": labels, "rejected_input_ids": r_ids, "rejected_labels": r_labels})
+    return PairCollator(pad_token_id=2)(rows)
 
 
 def train(model, optimizer, data) -> list[float]:
@@ -102,6 +120,9 @@ ADAPTERS = {
     "block_lora": ("block_lora", (*SMALL, "n_blocks=4"), QV),
     "loldu": ("loldu", ("r=4", "alpha=4"), QV),
     "svfit": ("svfit", ("r=4",), QV),
+    "merged": ("merged", ("r=4",), QV),
+    # no sources read here: the LoRA beside alone (the composition itself: tests/test_atlas.py)
+    "atlas": ("atlas", ("lora_r=4", "lora_alpha=8", "target_modules=[q_proj,v_proj]"), QV),
     # peft's own tuners through adapter=peft (the ready configs adapter=loha / adalora / vera)
     "peft": ("peft", ("config.r=4", "config.alpha=8"), QV),
     "peft_loha": ("loha", ("config.r=4", "config.alpha=8"), QV),
@@ -114,3 +135,29 @@ ADAPTERS = {
 def row_cfg(name: str) -> dict:
     yaml, overrides, _ = ADAPTERS[name]
     return shipped("adapter", yaml, *overrides)
+
+
+def perturbed_run(source, dest, seed: int, **adapter: Any):
+    """A run folder on ``source``'s base without training: its config with ``adapter`` options changed, the
+    adapter freshly built and every adapter tensor moved off its init by seeded noise (merging and composing
+    need runs with distinct, non-trivial updates, not trained ones)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from petuner.adapters import adapter_layers, adapter_state_dict
+    from petuner.run_folder import build_base_with_adapter, read_config, read_info
+
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("checkpoints", "best", "adapter.safetensors",
+                                                                 "petuner_manifest.json"))
+    cfg = read_config(source)
+    cfg.adapter = OmegaConf.merge(cfg.adapter, adapter)
+    OmegaConf.save(cfg, dest / "config.yaml")
+    model, _ = build_base_with_adapter(cfg, read_info(source))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for p in layer.adapter_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, dest / "adapter.safetensors")
+    return dest

@@ -52,7 +52,7 @@ def test_eval_on_a_user_file_names_the_report_after_it(trained_run, tmp_path) ->
     data.write_text("".join(json.dumps({"prompt": f"question {i}?", "response": f"answer {i}."}) + "\n"
                             for i in range(10)))
     out, report = evaluate_run(run_dir, ["data=jsonl", f"data.path={data}", "data.eval_size=4"], split="all")
-    assert out == run_dir / "eval-faq.json" and report["examples"] == 10 and report["eval/loss"] > 0
+    assert out == run_dir / "eval-faq-all.json" and report["examples"] == 10 and report["eval/loss"] > 0
 
 
 def write_custom_code_model(folder: Path, marker: Path) -> None:

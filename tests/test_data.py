@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -48,13 +49,28 @@ def test_sft_loss_covers_exactly_the_answer(tokenizer) -> None:
     assert labels[first:-1] == ids[first:-1] and labels[-1] == IGNORE and tokenizer.decode(ids[-1:]) == "\n"
 
 
-def test_split_is_deterministic_and_disjoint(tokenizer) -> None:
+def test_split_is_deterministic(tokenizer) -> None:
     a = build_data(data_cfg(), tokenizer, "causal_lm")
     b = build_data(data_cfg(), tokenizer, "causal_lm")
     assert a.train["input_ids"] == b.train["input_ids"] and a.eval["input_ids"] == b.eval["input_ids"]
     c = build_data(data_cfg(split_seed=1), tokenizer, "causal_lm")
     assert a.eval["input_ids"] != c.eval["input_ids"]
     assert 0.04 < len(a.eval) / (len(a.train) + len(a.eval)) < 0.06
+
+
+def test_split_rows_are_disjoint_and_cover_the_data(tokenizer, tmp_path) -> None:
+    """Every row is in exactly one split, told apart by a unique id in its text. Seen to fail with
+    ``_split`` returning the unsplit rows as train (every eval row also trained on)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"question {i}?", "response": "yes"}) + "\n" for i in range(100)))
+    bundle = build_data(data_cfg(format="jsonl", kind="auto", path=str(path), eval_size=0.2), tokenizer, "causal_lm")
+
+    def ids(split) -> list[str]:
+        return [re.search(r"question \d+", tokenizer.decode(row))[0] for row in split["input_ids"]]
+
+    train, held_out = ids(bundle.train), ids(bundle.eval)
+    assert len(held_out) == 20 and not set(train) & set(held_out)
+    assert sorted(train + held_out) == sorted(f"question {i}" for i in range(100))
 
 
 def test_text_blocks_and_classification(tokenizer) -> None:

@@ -96,28 +96,33 @@ def test_two_sources_end_to_end_with_per_source_eval(tmp_path) -> None:
     write(tmp_path / "qa.csv", QA)
     sources = (f"data.sources=[{{path:'{tmp_path / 'chats.jsonl'}',weight:3}},"
                f"{{name:qa,path:'{tmp_path / 'qa.csv'}',columns:{{prompt:question,response:answer}}}}]")
-    cfg = tiny(tmp_path, "data=mixture", sources, "data.eval_size=4", "data.mix=concat")
-    tokenizer = load_tokenizer(cfg.model)
-    bundle = build_data(cfg.data, tokenizer, "causal_lm")
-    report = bundle.report["sources"]
+    info = run(tiny(tmp_path, "data=mixture", sources, "data.eval_size=4", "data.mix=concat"))
+    report = info["data"]["sources"]
     assert [report["chats"]["mixed_train_examples"], report["qa"]["mixed_train_examples"]] == [3 * 56, 36]
-    assert len(bundle.train) == 3 * 56 + 36 and set(bundle.evals) == {"chats", "qa"}
-    assert len(bundle.eval) == 8 and [len(e) for e in bundle.evals.values()] == [4, 4]
-
-
-def test_mixture_run_logs_eval_per_source(tmp_path, caplog) -> None:
-    caplog.set_level("INFO", logger="petuner.run")
-    write(tmp_path / "qa.csv", QA)
-    sources = ("data.sources=[{name:chatterbot,format:chatterbot_yaml,path:'asset:chatterbot',kind:sft,limit:32},"
-               f"{{name:qa,path:'{tmp_path / 'qa.csv'}',columns:{{prompt:question,response:answer}}}}]")
-    info = run(tiny(tmp_path, "data=mixture", sources, "data.mix=interleave"))
+    assert info["data_kind"] == "chat+sft" and info["train_examples"] == 3 * 56 + 36 and info["eval_examples"] == 8
+    assert [report[n]["eval"]["examples"] for n in ("chats", "qa")] == [4, 4]
     results = info["results"]
-    for name in ("chatterbot", "qa"):
-        assert np.isfinite(results[f"eval/{name}/loss_after"]) and results[f"eval/{name}/loss_before"] > 0
-    counts = {n: s["eval"]["loss_tokens"] for n, s in info["data"]["sources"].items()}
+    assert info["steps"] == 2 and all(np.isfinite(results[f"eval/{n}/loss_after"]) for n in ("chats", "qa"))
+
+
+def test_shipped_mixture_run_learns_and_logs_eval_per_source(tmp_path, caplog) -> None:
+    """data=mixture as shipped: chatterbot pairs 3:1 with BBC text (kinds sft+text), each source's held-out
+    loss logged and falling, the combined eval loss their token-weighted mean. (It crashed in every run
+    before 380fa9c; this test then failed with KeyError: 'sft+text'.)"""
+    caplog.set_level("INFO", logger="petuner.run")
+    info = run(tiny(tmp_path, "data=mixture", "data.limit=16", "trainer.max_steps=6"))
+    sources = info["data"]["sources"]
+    assert info["data_kind"] == "sft+text" and [s["kind"] for s in sources.values()] == ["sft", "text"]
+    assert [sources["chatterbot"]["mixed_train_examples"], sources["bbc_text"]["mixed_train_examples"]] == \
+        [3 * 16, sources["bbc_text"]["train"]["examples"]]
+    results = info["results"]
+    for name in sources:
+        assert results[f"eval/{name}/loss_after"] < results[f"eval/{name}/loss_before"], name
+    counts = {n: s["eval"]["loss_tokens"] for n, s in sources.items()}
     combined = sum(results[f"eval/{n}/loss_after"] * c for n, c in counts.items()) / sum(counts.values())
     assert results["eval/loss_after"] == pytest.approx(combined, rel=1e-5)
-    assert "source qa (sft, " in caplog.text and "examples in the mixed training set" in caplog.text
+    assert "source bbc_text (text, " in caplog.text and "examples in the mixed training set" in caplog.text
+    assert "--- training example 0 (labelled tokens between [[ and ]]) ---" in caplog.text
     assert "--- training example 0 (labelled tokens between [[ and ]]) ---" in caplog.text
 
 

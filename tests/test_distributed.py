@@ -37,6 +37,9 @@ CASES = {  # the same global batches in one and in two processes
     # DCT projector: an SVD's (or randomized SVD's) top-r subspace turns with rounding-level gradient
     # differences when singular values nearly tie (one process, batch 4 against 2 × 2 accumulated, already
     # differs by 4e-5 at rank 16); the DCT basis does not, so the comparison tests the averaging, not the SVD.
+    # DPO: a concatenated forward of chosen and rejected, the reference by the adapter switch on the unwrapped model
+    "dpo": ("adapter.dropout=0", "loss=dpo", "data=hf", f"data.path={Path(__file__).parent / 'data' / 'pairs.jsonl'}",
+            "data.eval_size=8"),
     "galore": ("adapter=none", "optimizer=galore", "optimizer.rank=8", "optimizer.update_proj_gap=3",
                "optimizer.lr=1e-3", "optimizer.projector=dct"),
 }

@@ -114,7 +114,9 @@ def test_8bit_moments_are_uint8_and_track_the_32bit_run() -> None:
     assert all(s["exp_avg_absmax"].dtype == torch.float32 for s in big)
     small = [s for s in states if s["exp_avg"].numel() < 256]
     assert small and all(s["exp_avg"].dtype == torch.float32 for s in small)
-    assert max(abs(a - b) for a, b in zip(losses8, losses32, strict=True)) < 0.02 * losses32[0]
+    # Measured gap 4e-4 over 20 steps. Planted bugs, each seen to fail here: scale 0.4 instead of 0.5 in the
+    # 8-bit run (gap 0.015), betas=(0.9, 0.9) (0.022). The old bound, 2% of the first loss (0.097), passed both.
+    assert max(abs(a - b) for a, b in zip(losses8, losses32, strict=True)) < 1e-3
     assert losses8[-1] < losses8[0] - 0.5
 
 

@@ -66,7 +66,7 @@ def test_the_wheel_trains_from_an_empty_folder_as_train_py_does(installed, tmp_p
     a, b = (load_file(run / "adapter.safetensors") for run in runs.values())
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # trained: B moved off its zero init
-    assert not (tmp_path / "conf").exists() and (runs["petuner"] / "train.log").is_file()
+    assert not (tmp_path / "conf").exists()  # nothing of the repository was needed
 
 
 def test_init_writes_a_folder_that_trains_with_the_users_model(installed, tmp_path) -> None:

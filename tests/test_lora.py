@@ -148,7 +148,7 @@ def test_target_matching_follows_peft() -> None:
 
 
 @pytest.mark.parametrize("spec, message", [
-    (["qproj"], "matches no nn.Linear"),
+    (["qproj"], "matches no linear layer"),
     ("attn\\.(", "not a valid regex"),
 ])
 def test_bad_targets_are_one_clear_line(spec, message: str) -> None:

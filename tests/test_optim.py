@@ -50,7 +50,10 @@ def test_adamw8bit_keeps_uint8_state_and_follows_adamw(embeddings_32bit: bool) -
         eight_bit = p.numel() >= 4096 and not (embeddings_32bit and name == "model.embed_tokens.weight")
         assert state["state1"].dtype == (torch.uint8 if eight_bit else torch.float32), name
         assert state["state2"].dtype == state["state1"].dtype, name
-    assert max(abs(a - b) for a, b in zip(losses8, losses32, strict=True)) < 0.02 * losses32[0]
+    # Measured gap 3e-4..4e-4 over 20 steps. Planted bugs, each seen to fail here: betas=(0.9, 0.9) in the
+    # 8-bit run (gap 0.034), weight_decay=0.1 in the 8-bit run only (0.0017). The old bound, 2% of the
+    # first loss (0.097), passed both.
+    assert max(abs(a - b) for a, b in zip(losses8, losses32, strict=True)) < 1e-3
     assert losses8[-1] < losses8[0] - 0.5
 
 

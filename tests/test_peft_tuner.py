@@ -156,7 +156,7 @@ def test_config_errors_are_one_line(cfg: dict, message: str) -> None:
 
 
 def test_targets_matching_nothing_is_petuners_one_line_error() -> None:
-    with pytest.raises(ConfigError, match=r"matches no nn.Linear in LlamaForCausalLM"):
+    with pytest.raises(ConfigError, match=r"matches no linear layer in LlamaForCausalLM"):
         inject(tiny_llama(), build_adapter(peft_cfg("LOHA", target_modules=["qproj"])))
 
 

@@ -35,8 +35,8 @@ def step_gradients(cfg, batch_size: int, grad_accum: int) -> dict[str, torch.Ten
     trainer.batch_size, trainer.grad_accum = batch_size, grad_accum
     loop = Loop(model=model, data=data, optimizer=None, scheduler=None, scaler=grad_scaler(torch.device("cpu"), None),
                 hooks=[], cfg=trainer, device=torch.device("cpu"), compute_dtype=None, run_dir=None, metrics=None)
-    batches = loop.micro_batches(0)
-    micro = [next(batches) for _ in range(grad_accum)]
+    micro = next(loop.step_batches(0))
+    assert len(micro) == grad_accum
     loop.accumulate(micro)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
+from petuner.adapters.conv1d import to_conv1d, to_linear
 from petuner.schema import conform
 from petuner.train.hooks import Hook
 
@@ -56,6 +57,8 @@ class Injection:
 class AdapterLayer(nn.Module, ABC):
     """A frozen ``nn.Linear`` plus an adapter's own parameters."""
 
+    fan_in_fan_out = False  # the model's layer was a Conv1D (W stored in × out): unload gives one back
+
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -77,6 +80,11 @@ class AdapterLayer(nn.Module, ABC):
     @abstractmethod
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out × in) such that the adapted layer equals a Linear with weight W + ΔW."""
+
+    def weight_update(self) -> torch.Tensor:
+        """ΔW relative to the original base weight (what ``lora_view`` describes): ``delta_weight`` unless the
+        layer changed its own base (PiSSA keeps the residual). Export and merging read this one."""
+        return self.delta_weight()
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
@@ -147,6 +155,10 @@ class AdapterMethod(ABC):
     def make_layer(self, base_layer: nn.Linear) -> AdapterLayer:
         raise NotImplementedError(f"adapter={self.name} injects no layers")
 
+    def make_named_layer(self, name: str, base_layer: nn.Linear) -> AdapterLayer:
+        """The layer for the target ``name``: ``make_layer`` unless a method sizes its layers per target."""
+        return self.make_layer(base_layer)
+
     def apply(self, model: nn.Module, head_modules: Sequence[str] = ()) -> Injection:
         """Adapt ``model`` in place and set ``requires_grad`` on exactly what trains.
 
@@ -156,8 +168,11 @@ class AdapterMethod(ABC):
         targets = self.select_targets(model, exclude=head_modules)
         model.requires_grad_(False)
         for name in tqdm(targets, desc=f"adapter={self.name}", unit="layer", disable=None):
-            base = model.get_submodule(name)
-            set_submodule(model, name, self.make_layer(base if self.device is None else base.to(self.device)))
+            original = model.get_submodule(name)
+            base = to_linear(original)  # a Conv1D as the equivalent nn.Linear: one layout for every method
+            layer = self.make_named_layer(name, base if self.device is None else base.to(self.device))
+            layer.fan_in_fan_out = base is not original
+            set_submodule(model, name, layer)
         for _, layer in adapter_layers(model):
             for p in layer.adapter_parameters():
                 p.requires_grad_(True)
@@ -199,9 +214,11 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every adapter layer by its base Linear (merged first unless ``merge=False``)."""
+    """Replace every adapter layer by its base layer (merged first unless ``merge=False``): an ``nn.Linear``,
+    or the Conv1D the model had there."""
     for name, layer in list(adapter_layers(model)):
-        set_submodule(model, name, layer.to_linear() if merge else layer.base_layer)
+        base = layer.to_linear() if merge else layer.base_layer
+        set_submodule(model, name, to_conv1d(base) if layer.fan_in_fan_out else base)
     return model
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from petuner.adapters.base import AdapterSchema, LoRAFactors
+from petuner.adapters.conv1d import linear_shape
 from petuner.adapters.lora import LoRABase, LoRABaseSchema, LoRALinear
 from petuner.adapters.registry import register_adapter
 from petuner.errors import ConfigError
@@ -70,7 +71,7 @@ class BlockLoRA(LoRABase):
         targets = super().select_targets(model, exclude)
         n = self.cfg.n_blocks
         for name in targets:
-            size = model.get_submodule(name).in_features
+            size = linear_shape(model.get_submodule(name))[1]
             if size % n:
                 allowed = [d for d in range(1, size + 1) if size % d == 0]
                 raise ConfigError(f"adapter.n_blocks={n} does not divide the input size {size} of {name}; "

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from petuner.adapters.base import disabled_adapters
 
 
 class RankDynamic(ABC):
@@ -70,3 +73,41 @@ class PeftNative(ABC):
     def peft_model(self, model: nn.Module, task: str, head_modules: Sequence[str], base_model: str | None,
                    load_base: Callable[[], nn.Module]) -> Any:
         """A ``peft.PeftModel`` over ``load_base()`` holding ``model``'s trained adapter."""
+
+
+class SwitchesOff(ABC):  # noqa: B024 (a capability with working defaults: a method opts in by deriving)
+    """A method whose adapter switches off to the model it started from (its layers' ``disabled`` state): a
+    preference objective's reference model at no memory cost, the same weights with the adapter off."""
+
+    def switch_off_refusal(self) -> str | None:
+        """Why this configuration cannot switch off to its starting model; None when it can."""
+        return None
+
+    @contextlib.contextmanager
+    def switched_off(self, model: nn.Module) -> Iterator[None]:
+        """The model with every adapter layer off (merged ones unmerged), restored exactly on exit."""
+        with disabled_adapters(model):
+            yield
+
+
+class ComposesRuns(ABC):
+    """A method built over earlier runs' updates (aTLAS). Whoever builds it for training reads the runs it names
+    (``sources``, checked to share the base) and hands over their per-module (A, B) factors (``compose``) before
+    injection; a reload instead gets their shapes back from run.json (``report`` / ``restore``) and the tensors
+    from the saved adapter, so the source folders are needed only to train."""
+
+    @abstractmethod
+    def sources(self) -> list[str]:
+        """The run folders whose updates this method composes."""
+
+    @abstractmethod
+    def compose(self, updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Each source's (A, B) per module, its scale folded into B (ΔW = B @ A)."""
+
+    @abstractmethod
+    def report(self) -> dict[str, Any]:
+        """What a reload needs to rebuild the layers' shapes, for run.json."""
+
+    @abstractmethod
+    def restore(self, report: dict[str, Any]) -> None:
+        """Take the shapes ``report`` saved (before injection, when a run is loaded)."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from petuner.adapters.base import AdapterLayer, AdapterMethod, AdapterSchema, LoRAFactors
+from petuner.adapters.capabilities import SwitchesOff
 from petuner.adapters.lora import check_target_modules, lora_targets
 from petuner.schema import checked, number
 
@@ -61,7 +62,7 @@ class FrozenFactorsLinear(AdapterLayer):
         return LoRAFactors(A=self.factor_A, B=self.factor_B * self.change(), scaling=1.0)
 
 
-class FrozenFactorsMethod(AdapterMethod):
+class FrozenFactorsMethod(AdapterMethod, SwitchesOff):
     """What SVFit and LoLDU share as methods: rank-r targets, and a peft export as a scaling-1 LoRA."""
 
     schema: ClassVar[type[AdapterSchema]] = FrozenFactorsSchema

@@ -38,6 +38,7 @@ from petuner.adapters.base import (
     Injection,
     LoRAFactors,
 )
+from petuner.adapters.capabilities import SwitchesOff
 from petuner.adapters.registry import register_adapter
 from petuner.adapters.targets import check_rank_fits, match_targets
 from petuner.errors import ConfigError
@@ -144,6 +145,11 @@ class LoRALinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def weight_update(self) -> torch.Tensor:
+        """PiSSA: the base holds W − s·B₀A₀, so the update relative to W is ΔW − s·B₀A₀ (DoRA's too)."""
+        delta = self.delta_weight()
+        return delta - self.scaling * self.pissa_B0 @ self.pissa_A0 if self.pissa else delta
+
     def lora_view(self) -> LoRAFactors:
         """The update relative to the original base weight (PiSSA: rank 2r, its initial part subtracted)."""
         a, b = self.lora_A.weight, self.lora_B.weight
@@ -216,7 +222,7 @@ def lora_targets(model: nn.Module, cfg: Any, exclude: Sequence[str] = ()) -> lis
     return targets
 
 
-class LoRAShaped(AdapterMethod):
+class LoRAShaped(AdapterMethod, SwitchesOff):
     """A base for methods whose layers are LoRA-shaped (LoRA itself, DyLoRA, SoRA): targets resolved and checked
     against r, and the peft form is a plain LoRA."""
 
@@ -250,6 +256,12 @@ class LoRABase(LoRAShaped):
 
     def peft_options(self) -> dict[str, Any]:
         return {**super().peft_options(), "use_rslora": self.cfg.scaling == "rslora", "bias": self.cfg.bias}
+
+    def switch_off_refusal(self) -> str | None:
+        if self.cfg.bias == "none":
+            return None
+        return (f"adapter.bias={self.cfg.bias} trains the base model's biases, which switching the adapter off "
+                "does not undo: no reference model (set adapter.bias=none, or use loss=simpo or loss=orpo)")
 
 
 @register_adapter

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from petuner.adapters.base import AdapterSchema, Injection
 from petuner.adapters.capabilities import PreparesFromData, QuantizedBase
+from petuner.adapters.conv1d import refuse_conv1d
 from petuner.adapters.lora import LoRABase, LoRABaseSchema
 from petuner.adapters.quantized_base import QuantizedBaseLoRA
 from petuner.adapters.registry import register_adapter
@@ -192,9 +193,19 @@ class LQLoRA(LoRABase, QuantizedBase, PreparesFromData):
         self._plan: dict[str, tuple[nn.Module, Decomposition, QuantConfig]] = {}
         self._report: dict[str, Any] = {}
 
+    def switch_off_refusal(self) -> str:
+        return ("adapter=lq_lora starts from non-zero factors over a quantized residual: switched off it is the "
+                "residual, not the model training starts from, so it cannot be the reference (use adapter=qlora)")
+
     @property
     def allocation_grid(self) -> str:
         return self.cfg.allocation_grid
+
+    def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+        """LoRA's targets; Conv1D layers refused (the decomposition reads the stored weight before injection)."""
+        targets = super().select_targets(model, exclude)
+        refuse_conv1d(model, targets, "adapter=lq_lora")
+        return targets
 
     def configs(self) -> list[QuantConfig]:
         """The candidate quantization configs of every matrix: the grid with a budget, else bits/block_size."""

@@ -30,6 +30,11 @@ def lora_views(model: nn.Module) -> dict[str, LoRAFactors | None]:
     return {name: layer.lora_view() for name, layer in adapter_layers(model)}
 
 
+def layout_options(model: nn.Module) -> dict[str, Any]:
+    """peft's ``fan_in_fan_out`` where an adapted layer is a Conv1D (peft applies it to those layers only)."""
+    return {"fan_in_fan_out": True} if any(layer.fan_in_fan_out for _, layer in adapter_layers(model)) else {}
+
+
 def lora_config(factors: dict[str, LoRAFactors], options: dict[str, Any], task: str, head_modules: Sequence[str],
                 base_model_name_or_path: str | None) -> Any:
     """peft's ``LoraConfig`` for ``factors`` (layers of rank 0 left out by the caller)."""

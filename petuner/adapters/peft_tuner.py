@@ -18,6 +18,7 @@ run's step count) and the orthogonal regularizer that ``AdaLoraModel.forward`` a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,14 +36,16 @@ from petuner.adapters.base import (
     adapter_layers,
     set_submodule,
 )
-from petuner.adapters.capabilities import PeftNative
+from petuner.adapters.capabilities import PeftNative, SwitchesOff
 from petuner.adapters.peft_form import PEFT_TASK_TYPES
 from petuner.adapters.registry import register_adapter
-from petuner.adapters.targets import match_targets
+from petuner.adapters.targets import match_parameters, match_targets
 from petuner.errors import ConfigError, first_line
+from petuner.families import default_targets
 from petuner.schema import checked, items
 from petuner.train.hooks import Hook, TrainState
 
+log = logging.getLogger(__name__)
 ADAPTER = "default"  # peft's adapter name
 
 
@@ -59,13 +62,18 @@ class PeftLayer(AdapterLayer):
     """One of peft's tuner layers (e.g. ``peft.tuners.loha.layer.Linear``) as a petuner AdapterLayer.
 
     The peft layer keeps its own ``base_layer``; this wrapper registers no second copy of it
-    (``AdapterLayer.__init__`` would), and reads merged/disabled state from peft.
+    (``AdapterLayer.__init__`` would), and reads merged/disabled state from peft. peft nests its layers where
+    one module holds several adapted parameters (``target_parameters``: a MoE's fused expert weights, one
+    ``ParamWrapper`` each); one PeftLayer wraps the outermost and merges, unmerges and switches them all.
     """
 
     def __init__(self, tuner_layer: nn.Module) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         nn.Module.__init__(self)
         self.tuner = tuner_layer
         self._trained = [p for p in tuner_layer.parameters() if p.requires_grad]  # as peft marked them
+        self._nested = [m for m in tuner_layer.modules() if isinstance(m, BaseTunerLayer)]  # outermost first
 
     @property
     def base_layer(self) -> nn.Module:  # type: ignore[override]
@@ -73,7 +81,7 @@ class PeftLayer(AdapterLayer):
 
     @property
     def merged(self) -> bool:  # type: ignore[override]
-        return bool(self.tuner.merged)
+        return all(t.merged for t in self._nested)
 
     @property
     def disabled(self) -> bool:  # type: ignore[override]
@@ -83,7 +91,8 @@ class PeftLayer(AdapterLayer):
     def disabled(self, value: bool) -> None:
         # peft's enable_adapters also flips requires_grad; petuner decides what trains, so keep it.
         flags = [(p, p.requires_grad) for p in self.tuner.parameters()]
-        self.tuner.enable_adapters(not value)
+        for tuner in self._nested:
+            tuner.enable_adapters(not value)
         for p, flag in flags:
             p.requires_grad_(flag)
 
@@ -118,12 +127,14 @@ class PeftLayer(AdapterLayer):
         return delta
 
     def merge(self) -> None:
-        if not self.merged:
-            self.tuner.merge()
+        for tuner in self._nested:
+            if not tuner.merged:
+                tuner.merge()
 
     def unmerge(self) -> None:
-        if self.merged:
-            self.tuner.unmerge()
+        for tuner in reversed(self._nested):
+            if tuner.merged:
+                tuner.unmerge()
 
 
 def orthogonal_regularization(model: nn.Module) -> torch.Tensor | float:
@@ -232,7 +243,7 @@ class PeftSchema(AdapterSchema):
 
 
 @register_adapter
-class PeftTuner(AdapterMethod, PeftNative):
+class PeftTuner(AdapterMethod, PeftNative, SwitchesOff):
     """``adapter=peft``: ``peft_type`` (a peft.PeftType name) and ``config`` (its config class's kwargs)."""
 
     name = "peft"
@@ -274,7 +285,14 @@ class PeftTuner(AdapterMethod, PeftNative):
             raise ConfigError(f"adapter.config is rejected by peft's {cls.__name__}: {first_line(err)}") from None
 
     def select_targets(self, model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
-        spec = self.cfg.config.target_modules
+        """The modules ``target_modules`` names; with ``target_parameters`` (LoRA on parameters no linear
+        layer holds: fused MoE experts) those are matched and logged too, and the modules may be none."""
+        spec, parameters = self.cfg.config.target_modules, self.cfg.config.get("target_parameters")
+        if parameters:
+            named = match_parameters(model, list(parameters), exclude)
+            log.info("adapter=peft target_parameters: %d parameters adapted (%s, ...)", len(named), named[0])
+            if not spec:
+                return []
         return match_targets(model, spec if isinstance(spec, str) else list(spec), exclude)
 
     def apply(self, model: nn.Module, head_modules: Sequence[str] = ()) -> Injection:
@@ -282,7 +300,9 @@ class PeftTuner(AdapterMethod, PeftNative):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.select_targets(model, exclude=head_modules)  # petuner's one-line error before peft runs
-        config = self.build_config()
+        spec = self.cfg.config.target_modules
+        config = self.build_config(**({"target_modules": default_targets(model.config.model_type)}
+                                      if spec == "auto" else {}))
         model.requires_grad_(False)
         # peft's tuner injects its layers into ``model`` in place and leaves only the adapters trainable.
         try:
@@ -293,8 +313,8 @@ class PeftTuner(AdapterMethod, PeftNative):
         fp32_adapters(model)
         targets: list[str] = []
         for name, module in list(model.named_modules()):
-            if isinstance(module, BaseTunerLayer):
-                set_submodule(model, name, PeftLayer(module))
+            if isinstance(module, BaseTunerLayer) and not any(name.startswith(t + ".") for t in targets):
+                set_submodule(model, name, PeftLayer(module))  # the outermost of nested layers only
                 targets.append(name)
         for head in head_modules:
             model.get_submodule(head).requires_grad_(True)

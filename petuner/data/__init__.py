@@ -8,6 +8,7 @@ keys as defaults; their training sets are mixed, their held-out sets kept apart 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
 from petuner.checks import check_number
-from petuner.data import classification, columns, sft, text
+from petuner.data import classification, columns, preference, sft, text
 from petuner.data.cache import cached_map, tokenizer_hash
 from petuner.data.mixture import mix
 from petuner.data.report import loss_per_row, split_stats
-from petuner.data.schema import KINDS, TASK_OF_KIND
+from petuner.data.schema import KINDS, TASKS_OF_KIND
 from petuner.data.sources import ALL_FORMATS, load_source
 from petuner.errors import ConfigError, PetunerError
 
+log = logging.getLogger(__name__)
 SOURCE_KEYS = ("name", "format", "path", "kind", "split", "subset", "columns", "weight", "eval_size", "limit",
                "system_prompt")
 # Keys older configs (and saved runs) may lack, with the value that reproduces what they did.
@@ -43,6 +45,7 @@ class DataBundle:
     collate: Any
     label_names: list[str] = field(default_factory=list)
     evals: dict[str, Dataset] = field(default_factory=dict)  # held-out examples per source
+    trains: dict[str, Dataset] = field(default_factory=dict)  # training examples per source, before mixing
     report: dict[str, Any] = field(default_factory=dict)  # counts per source and split (run.json's "data")
 
     @property
@@ -81,8 +84,9 @@ def _check_source(src: DictConfig, where: str, task: str | None) -> None:
         raise ConfigError(f"{where}.format={src.format!r}: allowed: {', '.join(ALL_FORMATS)}")
     if src.kind not in (*KINDS, "auto"):
         raise ConfigError(f"{where}.kind={src.kind!r}: allowed: auto, {', '.join(KINDS)}")
-    if src.kind != "auto" and task is not None and TASK_OF_KIND[src.kind] != task:
-        raise ConfigError(f"{where}.kind={src.kind} needs a {TASK_OF_KIND[src.kind]} model, but model.task={task}")
+    if src.kind != "auto" and task is not None and task not in TASKS_OF_KIND[src.kind]:
+        raise ConfigError(f"{where}.kind={src.kind} needs a {' or '.join(TASKS_OF_KIND[src.kind])} model, "
+                          f"but model.task={task}")
     size = src.eval_size
     if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
         raise ConfigError(f"{where}.eval_size={size!r}: a fraction in (0, 1) or a count >= 1")
@@ -134,18 +138,32 @@ def _tokenize(dataset: Dataset, kind: str, form: str | None, tokenizer: Any, src
     if kind == "text":
         return text.build(dataset, tokenizer, src, key)
     settings = [key, form, src.max_length, src.train_on, src.truncation, src.system_prompt]
+    if kind == "preference":
+        return cached_map(dataset, preference.build_pair_fn(tokenizer, src, where), "preference", settings,
+                          remove_columns=dataset.column_names)
     return cached_map(dataset, sft.build_fn(tokenizer, src, form, where), "sft", settings,
                       remove_columns=dataset.column_names)
 
 
-def _finish(tokenized: Dataset, kind: str) -> tuple[Dataset, dict[str, Any]]:
-    """Drop the examples with nothing to learn (a reply cut away), count what truncation did."""
+def _finish(tokenized: Dataset, kind: str, where: str) -> tuple[Dataset, dict[str, Any]]:
+    """Drop the examples with nothing to learn (a reply cut away; a pair without preference), count what
+    truncation did."""
     truncated = np.asarray(tokenized.data.column("truncated").to_numpy(zero_copy_only=False), dtype=bool)
     dataset = tokenized.remove_columns("truncated")
-    keep = np.flatnonzero(loss_per_row(dataset, kind) > 0)
+    useful = loss_per_row(dataset, kind) > 0
+    counts = {}
+    if kind == "preference":
+        ties = np.asarray(dataset.data.column("tie").to_numpy(zero_copy_only=False), dtype=bool)
+        dataset = dataset.remove_columns("tie")
+        if ties.any():
+            log.warning("%s: %d pairs have identical chosen and rejected replies: dropped (a tie carries no "
+                        "preference; its DPO gradient is zero)", where, int(ties.sum()))
+        useful &= ~ties
+        counts["ties"] = int(ties.sum())
+    keep = np.flatnonzero(useful)
     if len(keep) < len(dataset):
         dataset = dataset.select(keep, keep_in_memory=True)
-    counts = {"truncated": int(truncated[keep].sum()), "dropped": len(tokenized) - len(keep)}
+    counts.update(truncated=int(truncated[keep].sum()), dropped=len(tokenized) - len(keep))
     return dataset, {**split_stats(dataset, kind), **counts}
 
 
@@ -160,29 +178,36 @@ def _split(raw: Dataset, src: DictConfig, where: str) -> dict[str, Dataset]:
     return {"train": train, "eval": parts["test"]}
 
 
-def build_source(src: DictConfig, tokenizer: Any, task: str, key: str) -> Built:
+def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kind: Any = None) -> Built:
     raw, where = load_source(src)
     raw, kind, form = columns.prepare(raw, src.kind, where, src.columns)
-    if TASK_OF_KIND[kind] != task:
-        raise ConfigError(f"data ({kind}) needs a {TASK_OF_KIND[kind]} model, but model.task={task}")
-    if kind not in columns.CONVERSATION_KINDS:
-        for k in ("train_on", "truncation", "system_prompt"):
+    if check_kind is not None:
+        check_kind(kind)  # the objective's word on this kind of data, before anything is tokenized
+    if task not in TASKS_OF_KIND[kind]:
+        raise ConfigError(f"data ({kind}) needs a {' or '.join(TASKS_OF_KIND[kind])} model, but model.task={task}")
+    if kind not in columns.CONVERSATION_KINDS:  # pairs are conversations whose completion always carries the loss
+        for k in ("train_on",) if kind == "preference" else ("train_on", "truncation", "system_prompt"):
             if src[k] != DEFAULTS[k]:
                 raise ConfigError(f"data.{k}={src[k]} applies to conversations, not to {kind} data ({where})")
     names = columns.label_names(raw) if kind == "classification" else []
+    if task == "seq_cls" and kind == "preference":
+        names = ["reward"]  # a reward model: one output, its score
     splits, report = {}, {"kind": kind, "where": where, "weight": float(src.weight)}
     for split, rows in _split(raw, src, where).items():
-        splits[split], report[split] = _finish(_tokenize(rows, kind, form, tokenizer, src, names, key, where), kind)
+        splits[split], report[split] = _finish(_tokenize(rows, kind, form, tokenizer, src, names, key, where), kind,
+                                               f"{where} ({split})")
         if len(splits[split]) == 0:
             raise PetunerError(f"{where}: no usable {split} examples after tokenization "
                                f"({report[split]['dropped']} dropped); raise data.max_length?")
     return Built(src.name, kind, splits, names, report)
 
 
-def build_data(cfg: Any, tokenizer: Any, task: str) -> DataBundle:
+def build_data(cfg: Any, tokenizer: Any, task: str, check_kind: Any = None) -> DataBundle:
+    """Every source read, checked, split, tokenized (cached) and mixed; ``check_kind`` (the objective's)
+    refuses a source's kind of data before it is tokenized."""
     datasets.disable_progress_bars()
     key = tokenizer_hash(tokenizer)
-    built = [build_source(src, tokenizer, task, key) for src in source_configs(cfg)]
+    built = [build_source(src, tokenizer, task, key, check_kind) for src in source_configs(cfg)]
     if len({tuple(b.label_names) for b in built}) > 1:
         raise PetunerError("data.sources: classification sources must share their labels, "
                            f"got {[b.label_names for b in built]}")
@@ -200,8 +225,10 @@ def build_data(cfg: Any, tokenizer: Any, task: str) -> DataBundle:
     kind = "+".join(dict.fromkeys(b.kind for b in built))
     if kind == "classification":
         collate = DataCollatorWithPadding(tokenizer)
+    elif kind == "preference":
+        collate = preference.PairCollator(tokenizer.pad_token_id)
     else:
         collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=sft.IGNORE)
     report.update(train_examples=len(train), eval_examples=len(held_out))
     return DataBundle(kind=kind, train=train, eval=held_out, collate=collate, label_names=built[0].label_names,
-                      evals=evals, report=report)
+                      evals=evals, trains={b.name: b.splits["train"] for b in built}, report=report)

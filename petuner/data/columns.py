@@ -15,8 +15,11 @@ from petuner.data.conversations import FORMS, OPTIONAL, form_of
 from petuner.errors import PetunerError
 
 CONVERSATION_KINDS = ("chat", "sft")
-PLAIN = {"classification": ("text", "label"), "text": ("text",)}
-NAMES = sorted({c for cols in (*FORMS.values(), *OPTIONAL.values(), *PLAIN.values()) for c in cols})
+# Checked in this order by data.kind=auto: preference pairs before plain text (a pair set may carry a text column).
+PLAIN = {"preference": ("chosen", "rejected"), "classification": ("text", "label"), "text": ("text",)}
+PLAIN_OPTIONAL = {"preference": ("prompt",)}
+NAMES = sorted({c for cols in (*FORMS.values(), *OPTIONAL.values(), *PLAIN.values(), *PLAIN_OPTIONAL.values())
+                for c in cols})
 
 
 def rename(dataset: Dataset, columns: dict[str, str] | None, where: str) -> Dataset:
@@ -42,7 +45,8 @@ def kind_and_form(names: list[str], kind: str, where: str) -> tuple[str, str | N
         kind = next((k for k, cols in PLAIN.items() if set(cols) <= set(names)), "")
         if not kind:
             raise PetunerError(f"{where}: cannot tell the data kind from columns {sorted(names)}: expected messages, "
-                               "conversations, {instruction, output}, {prompt, response}, {text, label} or {text} "
+                               "conversations, {instruction, output}, {prompt, response}, {chosen, rejected}, "
+                               "{text, label} or {text} "
                                "(data.columns maps your names onto these)")
         return kind, None
     if kind in CONVERSATION_KINDS:
@@ -57,7 +61,7 @@ def kind_and_form(names: list[str], kind: str, where: str) -> tuple[str, str | N
 
 
 def needed(kind: str, form: str | None) -> tuple[str, ...]:
-    return (*FORMS[form], *OPTIONAL.get(form, ())) if form else PLAIN[kind]
+    return (*FORMS[form], *OPTIONAL.get(form, ())) if form else (*PLAIN[kind], *PLAIN_OPTIONAL.get(kind, ()))
 
 
 def check_nulls(dataset: Dataset, required: tuple[str, ...], where: str) -> None:
@@ -89,6 +93,7 @@ def prepare(dataset: Dataset, kind: str, where: str, columns: Any) -> tuple[Data
     dataset = rename(dataset, columns, where)
     kind, form = kind_and_form(dataset.column_names, kind, where)
     keep = [c for c in needed(kind, form) if c in dataset.column_names]
-    check_nulls(dataset, tuple(c for c in keep if c not in OPTIONAL.get(form or "", ())), where)
+    optional = (*OPTIONAL.get(form or "", ()), *PLAIN_OPTIONAL.get(kind, ()))
+    check_nulls(dataset, tuple(c for c in keep if c not in optional), where)
     dataset = dataset.select_columns(keep)
     return dataset.add_column("__row__", np.arange(len(dataset))), kind, form

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from torch import nn
 
 from petuner.data.sft import IGNORE
@@ -90,15 +90,18 @@ class PackedCollator:
 
 
 def pack_bundle(data: Any, tokenizer: Any, max_length: int, seed: int) -> Any:
-    """The bundle with both splits packed and the packed collator (data.packing=true)."""
+    """The bundle with its training set and each source's held-out set packed, and the packed collator
+    (data.packing=true); the report keeps the example counts and adds the row counts."""
     from petuner.errors import PetunerError
 
-    if data.kind not in PACKABLE_KINDS:
+    if not set(data.kind.split("+")) <= set(PACKABLE_KINDS):  # a mixture's kinds are joined by "+"
         raise PetunerError(f"data.packing=true packs {', '.join(PACKABLE_KINDS)} examples; this data is "
                            f"data.kind={data.kind} (text is already cut into full blocks of data.max_length)")
     data.train = pack_examples(data.train, max_length, seed)
-    data.eval = pack_examples(data.eval, max_length, seed)
+    data.evals = {name: pack_examples(held_out, max_length, seed) for name, held_out in data.evals.items()}
+    data.eval = concatenate_datasets(list(data.evals.values()))  # each source's rows: per-source figures stay exact
     data.collate = PackedCollator(tokenizer.pad_token_id)
+    data.report.update(train_rows=len(data.train), eval_rows=len(data.eval))
     return data
 
 
@@ -129,3 +132,32 @@ def attend_within_examples(model: nn.Module) -> None:
     Registered first among the model's pre-hooks, so later ones (labelled logits) see the final labels.
     """
     model.register_forward_pre_hook(AttendWithinExamples(model), with_kwargs=True, prepend=True)
+
+
+@torch.no_grad()
+def check_packing_exact(model: nn.Module, lengths: tuple[int, int] = (7, 5)) -> float:
+    """Refuse a model whose packed rows leak: two random examples packed in one row (through the installed
+    hook) must give the second one the logits it gets alone, within the model dtype's rounding. Returns the
+    relative difference measured."""
+    first, second = (torch.randint(min(model.config.vocab_size, 1000), (1, n),
+                                   generator=torch.Generator().manual_seed(n)) for n in lengths)
+    device = next(model.parameters()).device
+    row = torch.cat([first, second], 1).to(device)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(input_ids=row, position_ids=positions, attention_mask=torch.ones_like(row)).logits
+        alone = model(input_ids=second.to(device), attention_mask=torch.ones_like(second).to(device)).logits
+    finally:
+        model.train(was_training)
+    packed, alone = packed[0, lengths[0]:].float(), alone[0].float()
+    error = float((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-6))
+    limit = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    if error > limit:
+        from petuner.errors import PetunerError
+
+        raise PetunerError(f"data.packing=true: {type(model).__name__} lets packed examples attend to each other "
+                           f"(an example's logits after another differ from its own by {error:.2g} relative); "
+                           "set data.packing=false")
+    return error

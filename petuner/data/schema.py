@@ -13,8 +13,10 @@ from petuner.data.sources import ALL_FORMATS
 from petuner.errors import ConfigError
 from petuner.schema import checked, choice, flag, number
 
-KINDS = ("chat", "sft", "text", "classification")
-TASK_OF_KIND = {"chat": "causal_lm", "sft": "causal_lm", "text": "causal_lm", "classification": "seq_cls"}
+KINDS = ("chat", "sft", "text", "classification", "preference")
+# The model tasks each kind of data trains (preference pairs: a policy, or a reward model's classifier).
+TASKS_OF_KIND = {"chat": ("causal_lm",), "sft": ("causal_lm",), "text": ("causal_lm",),
+                 "classification": ("seq_cls",), "preference": ("causal_lm", "seq_cls")}
 
 
 
@@ -55,14 +57,16 @@ def check_max_length(cfg: Any, context: int | None) -> None:
 
 def check_data_combination(cfg: Any, task: str | None = None) -> None:
     """What one key alone cannot say: a path where the format needs one, the kind against the model's task."""
-    from petuner.data import check_sources
+    from petuner.data import check_sources, source_configs
 
     if cfg.path is None and not cfg.sources:
         raise ConfigError(f"data.path is not set: data={cfg.name} needs data.path=... (a file, a folder, a hub id "
                           "or asset:<name>)")
     check_sources(cfg, task)  # each source's kind against the model's task, and what sources may set
-    if cfg.packing and cfg.kind not in ("auto", *PACKABLE_KINDS):
-        raise ConfigError(f"data.packing=true packs {', '.join(PACKABLE_KINDS)} examples, not data.kind={cfg.kind}")
+    for i, src in enumerate(source_configs(cfg) if cfg.packing else []):  # every source of a mixture is packed
+        if src.kind not in ("auto", *PACKABLE_KINDS):
+            where = f"data.sources[{i}].kind" if cfg.sources else "data.kind"
+            raise ConfigError(f"data.packing=true packs {', '.join(PACKABLE_KINDS)} examples, not {where}={src.kind}")
     if cfg.system_prompt is not None and cfg.kind in ("text", "classification"):
         raise ConfigError(f"data.system_prompt is set but data.kind={cfg.kind} has no chat turns: "
                           "it applies to sft data only (set data.system_prompt=null)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from petuner.data.conversations import to_messages
+from petuner.data.conversations import row_tools, to_messages
 from petuner.errors import PetunerError
 
 IGNORE = -100
@@ -36,12 +36,29 @@ class Rendered:
     replies: list[tuple[int, int, int]]  # per assistant turn: (start, labelled end, turn end) in characters
 
 
-def render(messages: list[dict[str, str]], tokenizer: Any, fault: str) -> Rendered:
+def check_tool_support(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, tokenizer: Any,
+                       fault: str) -> None:
+    """A conversation with tool calls or tools needs a template that renders them (it reads ``tool_calls`` /
+    ``tools``); any other template would drop them silently."""
+    needs = [key for key, used in (("tool_calls", any(m.get("tool_calls") for m in messages)), ("tools", bool(tools)))
+             if used]
+    source = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
+    missing = [key for key in needs if key not in source]
+    if missing:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise PetunerError(f"{fault}: the chat template of {name} has no tool support (it never reads "
+                           f"{missing[0]!r}); train tool calling on a model whose template renders tools "
+                           "(Qwen2.5, Llama 3.1, ...) or set such a chat template on the tokenizer")
+
+
+def render(messages: list[dict[str, Any]], tokenizer: Any, fault: str,
+           tools: list[dict[str, Any]] | None = None) -> Rendered:
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_TEMPLATE
+    check_tool_support(messages, tools, tokenizer, fault)
 
     @functools.cache
     def text_of(upto: int, generation: bool) -> str:
-        return tokenizer.apply_chat_template(messages[:upto], chat_template=template, tokenize=False,
+        return tokenizer.apply_chat_template(messages[:upto], tools=tools, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation)
 
     whole = text_of(len(messages), False)
@@ -74,8 +91,9 @@ def _keep(ids: list[int], starts: list[int], replies: list[tuple[int, int, int]]
     return limit, replies
 
 
-def tokenize(messages: list[dict[str, str]], tokenizer: Any, cfg: Any, fault: str) -> dict[str, Any]:
-    rendered = render(messages, tokenizer, fault)
+def tokenize(messages: list[dict[str, Any]], tokenizer: Any, cfg: Any, fault: str,
+             tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    rendered = render(messages, tokenizer, fault, tools)
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     keep, replies = _keep(ids, [s for s, _ in offsets], rendered.replies, cfg, fault)
@@ -99,6 +117,6 @@ def build_fn(tokenizer: Any, cfg: Any, form: str, where: str) -> Any:
 
     def tokenize_row(row: dict[str, Any]) -> dict[str, Any]:
         fault = f"{where} row {row['__row__'] + 1}"
-        return tokenize(to_messages(row, form, system_prompt, fault), tokenizer, cfg, fault)
+        return tokenize(to_messages(row, form, system_prompt, fault), tokenizer, cfg, fault, row_tools(row, fault))
 
     return tokenize_row

@@ -17,6 +17,7 @@ from datasets import Dataset
 
 from petuner import assets
 from petuner.data import hf
+from petuner.data.conversations import as_json_text
 from petuner.errors import ConfigError, PetunerError, first_line
 from petuner.io import json_lines
 
@@ -82,7 +83,7 @@ def load_source(src: Any) -> tuple[Dataset, str]:
     """The source's rows as a ``datasets.Dataset``, and how error lines name it."""
     if src.format == "hf":
         return hf.load(str(src.path), str(src.split), src.subset), str(src.path)
-    rows = read_rows(src.format, src.path)
+    rows = [as_json_text(row) for row in read_rows(src.format, src.path)]
     try:
         return Dataset.from_list(rows), str(src.path)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:

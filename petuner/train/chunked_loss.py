@@ -109,3 +109,29 @@ def chunked_cross_entropy(head: nn.Module, head_forward: Callable[[torch.Tensor]
         total = total + (checkpoint(_summed_loss, head_forward, h, t, use_reentrant=False) if recompute
                          else _summed_loss(head_forward, h, t))
     return total
+
+
+def token_logps_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each position's log-probability of its target (0 where the target is IGNORE), in fp32, without
+    the full log-softmax: logit of the target minus the log-sum-exp."""
+    logits = logits.float()
+    valid = targets != IGNORE
+    picked = logits.gather(-1, targets.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1)
+    return (picked - logits.logsumexp(-1)) * valid
+
+
+def _chunk_logps(head_forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    return token_logps_of(head_forward(hidden), targets)
+
+
+def chunked_token_logps(head_forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                        targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``token_logps_of(head(hidden), targets)`` chunk by chunk: a preference loss weighs every token's
+    gradient by its sequence's own factor, unknown until all log-probabilities are in, so each chunk's
+    logits are recomputed in the backward pass (checkpointed) rather than differentiated ahead as above."""
+    recompute = torch.is_grad_enabled()
+    parts = [checkpoint(_chunk_logps, head_forward, hidden[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
+             if recompute else _chunk_logps(head_forward, hidden[s:s + chunk], targets[s:s + chunk])
+             for s in range(0, hidden.shape[0], chunk)]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

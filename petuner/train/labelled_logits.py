@@ -13,6 +13,10 @@ a forward gets ``labels``, the output layer receives the hidden states of the la
 and the loss is the mean cross entropy over exactly those tokens — the value transformers computes,
 for a fraction of the time and memory. Without labels (generation, exports) nothing changes.
 
+Preference objectives need each completion's log-probability, not one mean: inside ``token_logps(model)``
+the same labelled forward returns, as ``output.loss``, a (batch, length - 1) tensor holding each labelled
+position's log-probability of its next token (0 elsewhere), chunked the same way.
+
 With ``chunk`` (trainer.loss_chunk) the output layer does not run in the model's forward at all: the
 loss applies it chunk by chunk (``petuner.train.chunked_loss``), and the output's ``logits`` is None.
 ``labelled=False`` keeps every position but the last (the chunked loss without the selection).
@@ -24,7 +28,9 @@ be the largest allocation of a run and leave the process's heap that much larger
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petuner.data.sft import IGNORE
-from petuner.train.chunked_loss import chunked_cross_entropy
+from petuner.train.chunked_loss import chunked_cross_entropy, chunked_token_logps, token_logps_of
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,7 @@ class LabelledLogits:
         self.fallback = model.loss_function        # transformers' own loss, for anything else
         self.labelled, self.chunk = labelled, chunk
         self.deferrable = deferrable  # the model does nothing non-linear between its output layer and the loss
+        self.per_token = False  # inside ``token_logps``: the loss is each labelled position's log-probability
         self.head, self.head_forward = head, head.forward
         model.register_forward_pre_hook(self.see_labels, with_kwargs=True)
         model.register_forward_hook(self.forget, always_call=True)
@@ -81,6 +88,8 @@ class LabelledLogits:
         return hidden if self.selected and self.chunking() else self.head_forward(hidden)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: Any) -> torch.Tensor:
+        if self.per_token:
+            return self.position_logps(logits, labels)
         if not self.selected:
             return self.fallback(logits, labels, vocab_size, **kwargs)
         assert self.targets is not None
@@ -91,6 +100,16 @@ class LabelledLogits:
         if chunk:  # ``logits`` are the selected hidden states
             return chunked_cross_entropy(self.head, self.head_forward, logits, self.targets, chunk) / total
         return F.cross_entropy(logits.float(), self.targets, ignore_index=IGNORE, reduction="sum") / total
+
+    def position_logps(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(batch, length - 1): each labelled position's log-probability of its next token, 0 elsewhere."""
+        if not self.selected:  # full logits: every position
+            return token_logps_of(logits[:, :-1], labels[:, 1:])
+        assert self.keep is not None and self.targets is not None
+        chunk = self.chunking()
+        values = (chunked_token_logps(self.head_forward, logits, self.targets, chunk) if chunk
+                  else token_logps_of(logits, self.targets))
+        return values.new_zeros(self.keep.shape).masked_scatter(self.keep, values)
 
     def forget(self, module: nn.Module, args: tuple, output: Any) -> Any:
         deferred = self.selected and self.chunking()
@@ -115,6 +134,27 @@ def keep_labelled_logits(model: nn.Module, labelled: bool = True, chunk: int | N
     state = LabelledLogits(model, head, labelled, chunk, deferrable=not capped)
     model.loss_function = state.loss
     return state
+
+
+def output_path(model: nn.Module) -> LabelledLogits | None:
+    """The labelled-positions path installed on ``model`` (or on the module a DDP wrapper holds), if any."""
+    model = getattr(model, "module", model)
+    state = getattr(getattr(model, "loss_function", None), "__self__", None)
+    return state if isinstance(state, LabelledLogits) else None
+
+
+@contextlib.contextmanager
+def token_logps(model: nn.Module) -> Iterator[None]:
+    """Forwards with ``labels`` return per-position log-probabilities as ``output.loss`` (see the module's
+    docstring); a model without the installed path gets it, labelled positions only, for good."""
+    state = output_path(model) or keep_labelled_logits(getattr(model, "module", model))
+    if state is None:
+        raise TypeError(f"{type(model).__name__} has no output layer to take log-probabilities from")
+    state.per_token = True
+    try:
+        yield
+    finally:
+        state.per_token = False
 
 
 def install_output_path(model: nn.Module, trainer: Any, task: str) -> LabelledLogits | None:

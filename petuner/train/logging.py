@@ -212,6 +212,13 @@ class MetricsLog:
         for sink in self.sinks:
             sink.log(metrics, step)
 
+    def logged_at(self, step: int) -> dict[str, float]:
+        """What metrics.jsonl holds for ``step`` (a resumed run's evaluation before training); rank 0's file."""
+        if not self.enabled or not self.path.exists():
+            return {}
+        records = [r for r in read_metrics(self.path.parent) if r["step"] == step]
+        return {k: float(v) for r in records for k, v in r.items() if k != "step"}
+
     def summary(self, values: dict[str, Any]) -> None:
         for sink in self.sinks:
             sink.summary(values)

@@ -1,6 +1,7 @@
 """The training loop: every adapter and optimizer goes through these lines, top to bottom.
 
-Per optimizer step: hooks.before_step → forward/backward over ``grad_accum`` micro-batches →
+Per optimizer step: hooks.before_step → forward/backward over ``grad_accum`` micro-batches (fewer in an
+epoch's last step when ``grad_accum`` does not divide its batches: no step spans two epochs) →
 unscale (every optimizer's, hooks' too) → hooks.after_backward (the guard first: a non-finite or
 scaler-overflowing step is skipped for every hook) → clip → optimizer, scheduler → hooks.after_optimizer_step → log,
 evaluate, checkpoint. Data order is a pure function of (seed, epoch), so a resumed run sees exactly
@@ -13,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,14 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from petuner.data import DataBundle
-from petuner.data.sft import IGNORE
 from petuner.train import distributed, fsdp
 from petuner.train.checkpoint import save_checkpoint
 from petuner.train.device import autocast, peak_memory
 from petuner.train.hooks import Hook, TrainState
 from petuner.train.logging import MetricsLog
+from petuner.train.objective import Objective, labelled_items
+
+__all__ = ["Loop", "batches_per_epoch", "evaluate", "labelled_items", "total_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,17 @@ def batches_per_epoch(train_examples: int, batch_size: int) -> int:
     return len(epoch_batches(list(range(train_examples)), batch_size))
 
 
+def steps_per_epoch(train_examples: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch: ``grad_accum`` batches each, the last one shorter when ``grad_accum``
+    does not divide the epoch's batches (as transformers' Trainer does), so no step spans two epochs."""
+    return math.ceil(batches_per_epoch(train_examples, batch_size) / grad_accum)
+
+
 def total_steps(cfg: Any, train_examples: int) -> int:
-    """Optimizer steps in the run: ``max_steps``, or ``epochs`` worth of accumulated batches."""
+    """Optimizer steps in the run: ``max_steps``, or ``epochs`` worth of steps."""
     if cfg.max_steps:
         return int(cfg.max_steps)
-    return int(cfg.epochs) * math.ceil(batches_per_epoch(train_examples, cfg.batch_size) / cfg.grad_accum)
+    return int(cfg.epochs) * steps_per_epoch(train_examples, cfg.batch_size, cfg.grad_accum)
 
 
 def _private_generator() -> torch.Generator:
@@ -61,57 +70,41 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def labelled_items(batch: dict[str, torch.Tensor], kind: str) -> int:
-    """What a batch's loss averages over: its examples (classification) or its labelled next-token
-    positions (labels after the shift that are not IGNORE; true of packed rows too). Counted on the
-    host-side batch, before it moves to the device: no synchronisation."""
-    labels = batch["labels"]
-    return labels.shape[0] if kind == "classification" else int((labels[:, 1:] != IGNORE).sum())
-
-
 @torch.no_grad()
 def _eval_sums(model: nn.Module, data: DataBundle, dataset: Any, batch_size: int, device: torch.device,
-               compute_dtype: torch.dtype | None) -> list[float]:
-    """[loss · items, items, correct] over one held-out set (items: labelled tokens, or examples).
-    Under torchrun each rank evaluates its shard and the sums are added over ranks."""
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+               compute_dtype: torch.dtype | None, objective: Objective) -> dict[str, float]:
+    """The objective's sums over one held-out set (loss · items, items, ...). Under torchrun each rank
+    evaluates its shard and the sums are added over ranks."""
+    keys = objective.eval_keys(data.kind)
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
     share, summed = distributed.eval_share(model, len(dataset))
     loader = DataLoader(share, batch_size=batch_size, collate_fn=lambda idx: data.collate([dataset[i] for i in idx]),
                         generator=_private_generator())
     for host_batch in loader:
-        n = labelled_items(host_batch, data.kind)
         batch = to_device(host_batch, device)
         with autocast(device, compute_dtype):
-            out = model(**batch)
-        sums[0] += out.loss.double() * n
-        sums[1] += n
-        if data.kind == "classification":
-            sums[2] += (out.logits.argmax(-1) == batch["labels"]).sum()
-    return (distributed.sum_over_ranks(sums) if summed else sums).tolist()
-
-
-def _eval_metrics(kind: str, prefix: str, loss_sum: float, weight: float, correct: float) -> dict[str, float]:
-    metrics = {f"{prefix}/loss": loss_sum / weight}
-    if kind == "classification":
-        metrics[f"{prefix}/accuracy"] = correct / weight
-    else:
-        metrics[f"{prefix}/perplexity"] = math.exp(min(metrics[f"{prefix}/loss"], 50.0))
-    return metrics
+            figures = objective.eval_sums(model, batch, data.kind)
+        sums += torch.stack([figures[k].to(device, torch.float64) for k in keys])
+    return dict(zip(keys, (distributed.sum_over_ranks(sums) if summed else sums).tolist(), strict=True))
 
 
 def evaluate(model: nn.Module, data: DataBundle, batch_size: int, device: torch.device,
-             compute_dtype: torch.dtype | None) -> dict[str, float]:
-    """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy); with several
-    data sources, also per source (eval/<source>/loss), the combined figure over all their examples."""
+             compute_dtype: torch.dtype | None, objective: Objective | None = None) -> dict[str, float]:
+    """Held-out loss, token-weighted for language modelling (plus perplexity or accuracy; a preference
+    objective's rewards); with several data sources, also per source (eval/<source>/loss), the combined
+    figure over all their examples."""
+    objective = objective or Objective()
     was_training = model.training
     model.eval()
     sets = data.evals if len(data.evals) > 1 else {"": data.eval}
-    sums = {name: _eval_sums(model, data, dataset, batch_size, device, compute_dtype) for name, dataset in sets.items()}
+    sums = {name: _eval_sums(model, data, dataset, batch_size, device, compute_dtype, objective)
+            for name, dataset in sets.items()}
     model.train(was_training)
-    metrics = _eval_metrics(data.kind, "eval", *(sum(column) for column in zip(*sums.values(), strict=True)))
+    total = {key: sum(figures[key] for figures in sums.values()) for key in objective.eval_keys(data.kind)}
+    metrics = objective.eval_metrics(data.kind, "eval", total)
     if len(sums) > 1:
         for name, figures in sums.items():
-            metrics.update(_eval_metrics(data.kind, f"eval/{name}", *figures))
+            metrics.update(objective.eval_metrics(data.kind, f"eval/{name}", figures))
     return metrics
 
 
@@ -131,34 +124,36 @@ class Loop:
     run_dir: Path
     metrics: MetricsLog
     trained: nn.Module | None = None  # what forward/backward go through (DDP's wrapper); ``model`` if None
+    objective: Objective = field(default_factory=Objective)  # what a batch's loss is (the model's own by default)
     last_eval: tuple[int, dict[str, float]] = (-1, {})
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return batches_per_epoch(len(self.data.train), self.cfg.batch_size)
+    step_metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's, this step's
 
     def total_steps(self) -> int:
         return total_steps(self.cfg, len(self.data.train))
 
     # --- data -----------------------------------------------------------------------------------
 
-    def micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's shares of the global micro-batches from index ``start`` on; every rank draws the
-        same order (seed + epoch) and takes its part of each global batch."""
-        n, size = len(self.data.train), self.cfg.batch_size
-        epoch, offset = divmod(start, self.batches_per_epoch)
+    def step_batches(self, start_step: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """This rank's shares of each optimizer step's micro-batches, from step ``start_step`` on. Every
+        epoch is ``steps_per_epoch`` steps of ``grad_accum`` batches (its last step takes what is left), so
+        an epoch sees each example once; every rank draws the same order (seed + epoch) and takes its part
+        of each global batch."""
+        n, size, accum = len(self.data.train), self.cfg.batch_size, self.cfg.grad_accum
+        epoch, step = divmod(start_step, steps_per_epoch(n, size, accum))
         while True:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).tolist()
-            batches = [distributed.shard(b) for b in epoch_batches(order, size)[offset:]]
-            yield from DataLoader(self.data.train, batch_sampler=batches, collate_fn=self.data.collate,
-                                  num_workers=self.cfg.num_workers, generator=_private_generator())
-            epoch, offset = epoch + 1, 0
-
+            batches = [distributed.shard(b) for b in epoch_batches(order, size)[step * accum:]]
+            loader = iter(DataLoader(self.data.train, batch_sampler=batches, collate_fn=self.data.collate,
+                                     num_workers=self.cfg.num_workers, generator=_private_generator()))
+            for first in range(0, len(batches), accum):
+                yield [next(loader) for _ in batches[first:first + accum]]
+            epoch, step = epoch + 1, 0
 
     # --- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.data, self.cfg.eval_batch_size, self.device, self.compute_dtype)
+        return evaluate(self.model, self.data, self.cfg.eval_batch_size, self.device, self.compute_dtype,
+                        self.objective)
 
     def run_eval(self, state: TrainState) -> dict[str, float]:
         if self.last_eval[0] == state.step:  # an early stop's evaluation is also the final one
@@ -181,21 +176,39 @@ class Loop:
         total is counted on the host and summed over ranks on the device (no host sync). Scaling the
         model's mean rather than passing ``num_items_in_batch`` works for every model, and weighs a
         regulariser added to the loss in a forward hook (AdaLoRA's) once per step. DDP averages
-        gradients over ranks, hence × world. Returns this rank's part of the loss and its token count.
+        gradients over ranks, hence × world. Returns this rank's part of the loss and its token count;
+        the objective's metrics (summed over items, this rank's part of the step's mean) go to ``step_metrics``.
         """
         trained, world = self.trained or self.model, distributed.world_size()
-        items = [labelled_items(b, self.data.kind) for b in micro]
+        items = [self.objective.items(b, self.data.kind) for b in micro]
         total = distributed.sum_over_ranks(torch.tensor(float(sum(items)), device=self.device))
         loss_sum, tokens = torch.zeros((), device=self.device), 0
+        self.step_metrics = {}
         for i, host_batch in enumerate(micro):
             tokens += int(host_batch["attention_mask"].sum())
             batch = to_device(host_batch, self.device)
             with distributed.no_sync(trained, last=i == len(micro) - 1):
                 with autocast(self.device, self.compute_dtype):
-                    loss = trained(**batch).loss.float() * (items[i] / total)
+                    loss, sums = self.objective.loss(trained, batch)
+                    loss = loss * (items[i] / total)
                 self.scaler.scale(loss * world).backward()
             loss_sum += loss.detach()
+            for key, value in sums.items():
+                self.step_metrics[key] = self.step_metrics.get(key, 0.0) + value.float() / total
         return loss_sum, tokens
+
+    def log_step(self, state: TrainState, tokens: int, seconds: float, lr: float,
+                 grad_norm: torch.Tensor) -> tuple[float, float]:
+        """Log the step's figures, summed over ranks (the objective's metrics too); returns loss and tokens."""
+        names = sorted(self.step_metrics)
+        loss, tokens_all, *figures = distributed.sum_over_ranks(torch.stack(
+            [state.loss.float(), torch.tensor(float(tokens), device=self.device),
+             *(self.step_metrics[k] for k in names)])).tolist()
+        state.metrics.update({f"train/{k}": v for k, v in zip(names, figures, strict=True)})
+        state.metrics.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": fsdp.local(grad_norm).item(),
+                              "train/tokens_per_s": tokens_all / seconds, "train/step_s": seconds})
+        self.metrics.log(state.metrics, state.step)
+        return loss, tokens_all
 
     def train(self, start_step: int = 0) -> dict[str, float]:
         cfg, model, optimizer = self.cfg, self.model, self.optimizer
@@ -205,9 +218,9 @@ class Loop:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizers = [optimizer, *(o for hook in self.hooks for o in hook.optimizers())]
         results: dict[str, float] = {}
-        if start_step == 0:
-            results.update({f"{k}_before": v for k, v in self.run_eval(state).items()})
-        batches = self.micro_batches(start_step * cfg.grad_accum)
+        before = self.run_eval(state) if start_step == 0 else self.metrics.logged_at(0)  # a resume's, as logged
+        results.update({f"{k}_before": v for k, v in before.items()})
+        batches = self.step_batches(start_step)
         (self.trained or model).train()
         with logging_redirect_tqdm(), tqdm(total=max_steps, initial=start_step, desc="train",
                                            dynamic_ncols=True, disable=not distributed.is_writer()) as bar:
@@ -218,7 +231,7 @@ class Loop:
                     hook.before_step(state)
                 if state.stop:
                     break
-                state.loss, tokens = self.accumulate([next(batches) for _ in range(cfg.grad_accum)])
+                state.loss, tokens = self.accumulate(next(batches))
                 for opt in optimizers:  # every gradient a step uses, the hooks' own included, unscaled
                     self.scaler.unscale_(opt)
                 for hook in self.hooks:
@@ -237,12 +250,7 @@ class Loop:
 
                 seconds = time.perf_counter() - t0
                 if state.step % cfg.log_every == 0 or state.step == max_steps:  # the step's only reads of the device
-                    loss, tokens = distributed.sum_over_ranks(torch.stack(
-                        [state.loss.float(), torch.tensor(float(tokens), device=self.device)])).tolist()
-                    state.metrics.update({"train/loss": loss, "train/lr": lr,
-                                          "train/grad_norm": fsdp.local(grad_norm).item(),
-                                          "train/tokens_per_s": tokens / seconds, "train/step_s": seconds})
-                    self.metrics.log(state.metrics, state.step)
+                    loss, tokens = self.log_step(state, tokens, seconds, lr, grad_norm)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
                 bar.update(1)
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < max_steps:

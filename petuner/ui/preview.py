@@ -25,7 +25,7 @@ def prepared_data(overrides: Sequence[str], config_dir: Path | None = None) -> t
     plan = validate(cfg)
     check_max_length(plan.data, context_length(model_config(cfg.model)))
     tokenizer = load_tokenizer(cfg.model)
-    return build_data(plan.data, tokenizer, cfg.model.task), tokenizer
+    return build_data(plan.data, tokenizer, cfg.model.task, check_kind=plan.objective.check_data_kind), tokenizer
 
 
 def highlighted(data: Any, tokenizer: Any, examples: int) -> tuple[str, list[list[tuple[str, str | None]]]]:
@@ -37,6 +37,17 @@ def highlighted(data: Any, tokenizer: Any, examples: int) -> tuple[str, list[lis
         if data.kind == "classification":
             shown.append([(show_example(data.train[i], tokenizer, data.kind, data.label_names), None)])
         else:
-            shown.append([(text, "loss" if labelled else None) for text, labelled in
-                          labelled_spans(data.train[i], tokenizer)])
+            shown.append(_spans(data.train[i], tokenizer, data.kind == "preference"))
     return summary, shown
+
+
+def _spans(example: dict[str, Any], tokenizer: Any, pair: bool) -> list[tuple[str, str | None]]:
+    """An example as highlighted spans; a preference pair as its chosen side, then its rejected side."""
+    sides = [("", "input_ids", "labels"), *([("\n[rejected]\n", "rejected_input_ids", "rejected_labels")] if pair
+                                           else [])]
+    spans: list[tuple[str, str | None]] = []
+    for heading, ids, labels in sides:
+        spans += [(heading, None)] if heading else []
+        spans += [(text, "loss" if labelled else None)
+                  for text, labelled in labelled_spans(example[ids], example[labels], tokenizer)]
+    return spans
