@@ -111,7 +111,7 @@ def logged_in(browser: object, server: Server) -> tuple[object, object]:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
-    page.goto(server.url)
+    page.goto(server.url, wait_until="domcontentloaded")  # not "load": no web fonts to wait for offline
     page.get_by_label("username").fill(USER)
     page.get_by_label("password").fill(PASSWORD)
     page.keyboard.press("Enter")
