@@ -4,6 +4,7 @@ log-probabilities, and every bad input as one line (TRL parity is in test_prefer
 from __future__ import annotations
 
 import json
+import tempfile
 import math
 import re
 from pathlib import Path
@@ -201,7 +202,8 @@ def _bad(tmp: Path, trained_run: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-BAD = list(_bad(Path("."), Path(".")))
+with tempfile.TemporaryDirectory() as _scratch:  # the case names only: _bad writes its files, never into the repo
+    BAD = list(_bad(Path(_scratch), Path(_scratch)))
 
 
 @pytest.mark.parametrize("case", BAD)
