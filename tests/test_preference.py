@@ -4,9 +4,9 @@ log-probabilities, and every bad input as one line (TRL parity is in test_prefer
 from __future__ import annotations
 
 import json
-import tempfile
 import math
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
