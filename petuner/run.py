@@ -151,10 +151,9 @@ def _composed_sources(cfg: DictConfig, method: Any, *, read: bool) -> None:
         check_sources(cfg, method.sources())
 
 
-def set_up(cfg: DictConfig) -> Setup:
-    """Check everything cheap first (config, run folder, targets on a weightless copy), then load and adapt."""
-    plan = validate(cfg)
-    _composed_sources(cfg, plan.method, read=False)  # aTLAS's sources share this base, before anything is written
+def _join_and_check(cfg: DictConfig, plan: Any) -> tuple[Path, Path | None, torch.device, torch.dtype | None]:
+    """Join the process group, prepare the run folder (rank 0 writes), pick the device and precision, and check
+    what needs them: still before any data is read or weights are loaded."""
     distributed.init_from_env()
     distributed.check_launch(cfg)
     with open_dict(cfg):  # one folder for all ranks, even if their clocks named Hydra's default differently
@@ -166,13 +165,36 @@ def set_up(cfg: DictConfig) -> Setup:
     device = resolve_device(cfg.trainer.device)
     compute_dtype = resolve_precision(cfg.trainer.precision, device)
     check_optimizer_for_trainer(cfg.optimizer, cfg.trainer, compute_dtype)
-    method = plan.method
-    method.device = device  # decompositions and quantization run where the model will train
-    check_precision(cfg.model, method, compute_dtype)
+    plan.method.device = device  # decompositions and quantization run where the model will train
+    check_precision(cfg.model, plan.method, compute_dtype)
     config = model_config(cfg.model)
     check_max_length(plan.data, context_length(config))
     check_family(cfg.model, config, bool(cfg.data.packing))
+    return run_dir, checkpoint, device, compute_dtype
 
+
+def _adapt(model: torch.nn.Module, method: Any, heads: list[str], cfg: DictConfig,
+           compute_dtype: torch.dtype | None) -> Injection:
+    """Inject the adapter (seeded), start from ``init_from``'s weights if set, and upcast what trains."""
+    seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
+    injection = inject(model, method, heads, adapter_dtype=adapter_dtype(cfg.model))
+    if cfg.get("init_from"):
+        load_starting_weights(model, str(cfg.init_from))
+        log.info("starting from the adapter of %s", cfg.init_from)
+    if compute_dtype is not None and not full_finetuning(method):
+        upcast_trainable(model, adapter_dtype(cfg.model))  # heads, biases: autocast handles the mixed dtypes
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s (%.3f%%); adapter=%s on %d modules", f"{trainable:,}",
+             f"{total:,}", 100 * trainable / total, method.name, len(injection.targets))
+    return injection
+
+
+def set_up(cfg: DictConfig) -> Setup:
+    """Check everything cheap first (config, run folder, targets on a weightless copy), then load and adapt."""
+    plan = validate(cfg)
+    _composed_sources(cfg, plan.method, read=False)  # aTLAS's sources share this base, before anything is written
+    run_dir, checkpoint, device, compute_dtype = _join_and_check(cfg, plan)
+    method = plan.method
     _composed_sources(cfg, method, read=True)
     skeleton = load_model(cfg.model, meta=True)  # structure only: checks targets in milliseconds
     heads = head_modules(skeleton, cfg.model.task)
@@ -192,16 +214,7 @@ def set_up(cfg: DictConfig) -> Setup:
         batches = calibration_batches(data, method.calibration_batches(), cfg.trainer.batch_size)
         with distributed.writer_first():  # a cached preparation (LQ-LoRA's decomposition) is computed once
             method.prepare(model, batches, exclude=heads)
-    seed_everything(cfg.trainer.seed)  # adapter init, then dropout: one seeded stream
-    injection = inject(model, method, heads, adapter_dtype=adapter_dtype(cfg.model))
-    if cfg.get("init_from"):
-        load_starting_weights(model, str(cfg.init_from))
-        log.info("starting from the adapter of %s", cfg.init_from)
-    if compute_dtype is not None and not full_finetuning(method):
-        upcast_trainable(model, adapter_dtype(cfg.model))  # heads, biases: autocast handles the mixed dtypes
-    trainable, total = count_parameters(model)
-    log.info("parameters: %s trainable of %s (%.3f%%); adapter=%s on %d modules", f"{trainable:,}",
-             f"{total:,}", 100 * trainable / total, method.name, len(injection.targets))
+    injection = _adapt(model, method, heads, cfg, compute_dtype)
     model.to(device)
     if cfg.data.packing:
         check_packing_exact(model)  # a family no table lists as leaking is proven not to, on these weights
