@@ -4,7 +4,9 @@ base's GGUF, against ``petuner generate``'s greedy tokens on the same prompts (s
 Per variant: how many prompts give exactly petuner's greedy continuation, the share of positions that agree
 before the first difference, and llama.cpp's generation speed. Writes benchmarks/results/llama_cpp.{json,md}.
 
-    .venv/bin/python benchmarks/llama_cpp.py RUN_DIR [--new-tokens 16] [--dtype f32]
+    .venv/bin/python benchmarks/llama_cpp_check.py RUN_DIR [--new-tokens 16] [--dtype f32]
+
+(Not named llama_cpp.py: run as a script, that name would shadow the llama_cpp package.)
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ def main() -> None:
              "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['exact_prompts']}/{len(PROMPTS)} | {r['agreeing_positions']}/{r['positions']} | "
               f"{r['tokens_per_s']:.1f} |" for r in rows]
-    lines += ["", f"Command: `.venv/bin/python benchmarks/llama_cpp.py {args.run_dir} --new-tokens {args.new_tokens} "
-              f"--dtype {args.dtype}`"]
+    lines += ["", f"Command: `.venv/bin/python benchmarks/llama_cpp_check.py {args.run_dir} "
+              f"--new-tokens {args.new_tokens} --dtype {args.dtype}`"]
     (RESULTS / "llama_cpp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
