@@ -30,7 +30,11 @@ from petuner.run import run
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["What is your name?", "Tell me about Python.", "Who wrote Hamlet?", "What is the capital of France?"]
 TRANSFORMERS_READS = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"}
-NOTE = "\nTokens compared position by position: after the first differing token the two decodes diverge, so a partial q8_0 figure is a late first divergence, not a per-token error rate (tiny random models have small logit margins; q8_0 rounds each 32-weight block to 8 bits). f32 must agree exactly, and does. The transformers column compares the f32 GGUF with the run's un-merged adapter (merge order: 1e-5 of logits up to ~10).\n"
+NOTE = ("\nTokens compared position by position: after the first differing token the two decodes diverge, so a "
+        "partial q8_0 figure is a late first divergence, not a per-token error rate (tiny random models have small "
+        "logit margins; q8_0 rounds each 32-weight block to 8 bits). f32 must agree exactly, and does. The "
+        "transformers column compares the f32 GGUF with the run's un-merged adapter (merge order: 1e-5 of logits up "
+        "to ~10).\n")
 TRAIN = ("model=tiny_llama", "logger=none", "data.limit=24", "data.eval_size=8", "data.max_length=64",
          "trainer.max_steps=2", "trainer.save_every=null", "trainer.batch_size=4", "optimizer.warmup_steps=0")
 
