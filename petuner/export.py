@@ -220,8 +220,8 @@ def _engine_files(run: LoadedRun, engine: str, tmp: Path, out: Path) -> None:
 def _export_gguf(run_dir: Path, out: Path, *, force: bool, rank: int | None, checkpoint: str | None, dtype: str,
                  trust_remote_code: bool) -> Path:
     """The merged model and its tokenizer as one GGUF file, checked for a writable architecture first."""
-    from petuner.gguf_export import check_gguf_model, write_gguf
-    from petuner.models import model_config
+    from petuner.gguf_export import check_gguf_model, check_gguf_tokenizer, write_gguf
+    from petuner.models import load_tokenizer, model_config
     from petuner.run_folder import check_remote_code, read_config
 
     if out.is_dir() or (out.exists() and not force):
@@ -230,6 +230,7 @@ def _export_gguf(run_dir: Path, out: Path, *, force: bool, rank: int | None, che
     cfg = read_config(run_dir)
     check_remote_code(cfg.model, run_dir, trust_remote_code)  # before model_config could import its code
     check_gguf_model(model_config(cfg.model), cfg.model.task, str(run_dir))
+    check_gguf_tokenizer(load_tokenizer(cfg.model))  # before the weights load
     run = load(run_dir, checkpoint=checkpoint, trust_remote_code=trust_remote_code)
     if rank is not None:
         run.method.set_rank(run.model, rank)

@@ -157,14 +157,20 @@ def write_tensors(writer: Any, model: torch.nn.Module, dtype: str, layout: Layou
         writer.add_tensor(name, data, raw_dtype=raw)
 
 
+def check_gguf_tokenizer(tokenizer: Any) -> dict[str, Any]:
+    """The tokenizer's backend description; a tokenizer this writer cannot list (not byte-level BPE) is one line."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    if backend["model"]["type"] != "BPE" or (backend.get("decoder") or {}).get("type") != "ByteLevel":
+        raise PetunerError("--format gguf writes byte-level BPE tokenizers (gpt2-style, as SmolLM2's); "
+                           f"this one is {backend['model']['type']}")
+    return backend
+
+
 def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     """Vocabulary, types, merges, special ids, BOS/EOS flags and chat template (gguf's SpecialVocab)."""
     import gguf
 
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if backend["model"]["type"] != "BPE" or backend.get("decoder", {}).get("type") != "ByteLevel":
-        raise PetunerError("--format gguf writes byte-level BPE tokenizers (gpt2-style, as SmolLM2's); "
-                           f"this one is {backend['model']['type']}")
+    backend = check_gguf_tokenizer(tokenizer)
     ids = {i: token for token, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []

@@ -257,3 +257,17 @@ def test_refusals_are_one_line_with_status_2_from_the_command_line(tmp_path: Pat
                               capture_output=True, text=True, cwd=tmp_path, timeout=300)
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+
+
+def test_gguf_refuses_a_tokenizer_it_cannot_list_before_loading_weights(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Gemma run whose tokenizer is not byte-level BPE (here BERT's WordPiece): one line, no weights loaded."""
+    import petuner.export as export_module
+    from petuner.run import run
+
+    cfg = family_cfg("gemma", tmp_path / "run", "model.tokenizer=asset:minilm-l6")
+    run(cfg)
+    monkeypatch.setattr(export_module, "load", None)  # the refusal must come first
+    with pytest.raises(PetunerError, match=r"^--format gguf writes byte-level BPE tokenizers .* is WordPiece$"):
+        export_module.export(cfg.run_dir, "gguf", tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
