@@ -201,12 +201,16 @@ def _bad(tmp: Path, trained_run: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-BAD = list(_bad(Path("."), Path(".")))
+BAD = ["missing rejected", "null rejected", "prompt too long", "too long, truncation=error", "beta <= 0",
+       "a classifier", "init_from no run", "init_from another base", "no switch (lq_lora)", "no switch (bias)",
+       "packing", "pairs with loss=sft", "smoothing with hinge", "reward on a causal LM", "metric not measured"]
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_one_line_exit_2_nothing_written(case, trained_run, tmp_path, capsys, private_cache) -> None:
-    overrides, message = _bad(tmp_path, trained_run)[case]
+    cases = _bad(tmp_path, trained_run)
+    assert list(cases) == BAD
+    overrides, message = cases[case]
     loss = [] if any(o.startswith("loss=") for o in overrides) else ["loss=dpo"]
     assert petuner_main(["data", "model=tiny_llama", *loss, *overrides]) == 2
     err = capsys.readouterr().err
