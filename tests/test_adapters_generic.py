@@ -274,6 +274,7 @@ def test_three_dpo_steps_with_the_reference_from_the_switch(name: str) -> None:
 
     from petuner.errors import ConfigError
     from petuner.objectives import build_objective
+    from petuner.objectives.pairs import sequence_logps
     from petuner.objectives.reference import build_reference
     from tests.helpers import pair_batch
 
@@ -285,6 +286,12 @@ def test_three_dpo_steps_with_the_reference_from_the_switch(name: str) -> None:
         return
     objective = build_objective({"name": "dpo", "beta": 0.5})
     objective.reference = build_reference(model, method, continued=False, heads=[])
+    # no dropout in these rows: a forward hook must not change the log-probabilities in training (AdaLoRA's
+    # regulariser was added to every position until it was kept to scalar losses)
+    with torch.no_grad():
+        training = sequence_logps(model.train(), pair_batch())[0]
+        torch.testing.assert_close(training, sequence_logps(model.eval(), pair_batch())[0], atol=1e-6, rtol=0)
+    model.train()
     optimizer = torch.optim.AdamW(trainable_parameters(model).values(), lr=1e-2)
     batch, losses = pair_batch(), []
     for _ in range(3):

@@ -202,13 +202,16 @@ def _bad(tmp: Path, trained_run: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-with tempfile.TemporaryDirectory() as _scratch:  # the case names only: _bad writes its files, never into the repo
-    BAD = list(_bad(Path(_scratch), Path(_scratch)))
+BAD = ["missing rejected", "null rejected", "prompt too long", "too long, truncation=error", "beta <= 0",
+       "a classifier", "init_from no run", "init_from another base", "no switch (lq_lora)", "no switch (bias)",
+       "packing", "pairs with loss=sft", "smoothing with hinge", "reward on a causal LM", "metric not measured"]
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_one_line_exit_2_nothing_written(case, trained_run, tmp_path, capsys, private_cache) -> None:
-    overrides, message = _bad(tmp_path, trained_run)[case]
+    cases = _bad(tmp_path, trained_run)
+    assert list(cases) == BAD
+    overrides, message = cases[case]
     loss = [] if any(o.startswith("loss=") for o in overrides) else ["loss=dpo"]
     assert petuner_main(["data", "model=tiny_llama", *loss, *overrides]) == 2
     err = capsys.readouterr().err
@@ -272,3 +275,19 @@ def test_columns_mixtures_and_the_cache_serve_pairs(tokenizer, tmp_path, private
     again = build_data(cfg, tokenizer, "causal_lm")
     assert not calls and sorted(p.name for p in private_cache.glob("preference-*.arrow")) == cached
     assert again.train[:] == first.train[:]
+
+
+def test_accumulated_micro_batches_train_as_one_batch(tmp_path) -> None:
+    """A step's DPO loss is the mean over all of its pairs: 2 micro-batches of 2 pairs train as 1 batch of 4
+    (seen to fail with the micro-batches weighed by their labelled tokens, the SFT count, instead of pairs)."""
+    from safetensors.torch import load_file
+
+    path = pairs_file(tmp_path)
+    for name, extra in (("one", ("trainer.batch_size=4",)),
+                        ("accum", ("trainer.batch_size=2", "trainer.grad_accum=2"))):
+        run(dpo_cfg(tmp_path / name, path, "adapter.dropout=0", "trainer.max_steps=3", *extra))
+    losses = [[m["train/loss"] for m in read_metrics(tmp_path / n) if "train/loss" in m] for n in ("one", "accum")]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6) and len(losses[0]) == 3
+    one, accum = (load_file(tmp_path / n / "adapter.safetensors") for n in ("one", "accum"))
+    for key, value in one.items():
+        torch.testing.assert_close(accum[key], value, atol=1e-6, rtol=0)

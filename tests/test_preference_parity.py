@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from petuner.adapters import adapter_layers, build_adapter, inject
+from petuner.config import compose_config
 from petuner.data.sft import IGNORE
 from petuner.objectives import build_objective
 from petuner.objectives.pairs import Logps, sequence_logps
@@ -119,6 +120,23 @@ def test_dpo_matches_trl_dpotrainer(loss_type: str, smoothing: float, tmp_path) 
     objective = dpo(loss_type, smoothing)
     objective.reference = build_reference(ours, method, continued=False, heads=[])
     trainer = trl_trainer(tiny_llama(), tmp_path, loss_type, smoothing)
+    set_adapter(trainer.model, weights)
+    batch = pair_batch()
+    assert_same(ours_step(objective, ours, batch), trl_step(trainer, batch))
+
+
+@pytest.mark.slow
+def test_dpo_matches_trl_dpotrainer_on_smollm2(tmp_path) -> None:
+    """The same on the real SmolLM2-135M (fp32, offline asset): a 49,152-word output layer and 30 layers."""
+    from petuner.models import load_model
+
+    cfg = compose_config(["model=smollm2_135m", "run_dir=."]).model
+    ours, method = load_model(cfg), build_adapter(lora_cfg())
+    inject(ours, method)
+    weights = randomised(ours, seed=1)
+    objective = dpo()
+    objective.reference = build_reference(ours, method, continued=False, heads=[])
+    trainer = trl_trainer(load_model(cfg), tmp_path, "sigmoid", 0.0)
     set_adapter(trainer.model, weights)
     batch = pair_batch()
     assert_same(ours_step(objective, ours, batch), trl_step(trainer, batch))

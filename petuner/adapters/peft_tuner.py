@@ -322,8 +322,10 @@ class PeftTuner(AdapterMethod, PeftNative, SwitchesOff):
             weight = config.orth_reg_weight
 
             def add_regularizer(module: nn.Module, args: Any, output: Any) -> Any:
-                # Training only (peft adds it in eval too): a held-out loss stays the task's loss.
-                if module.training and isinstance(getattr(output, "loss", None), torch.Tensor):
+                # Training only (peft adds it in eval too): a held-out loss stays the task's loss. A scalar
+                # loss only: per-position log-probabilities (a preference objective's) are no loss to add to.
+                loss = getattr(output, "loss", None)
+                if module.training and isinstance(loss, torch.Tensor) and loss.dim() == 0:
                     output.loss = output.loss + weight * orthogonal_regularization(module)
                 return output
 
