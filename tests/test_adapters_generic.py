@@ -262,7 +262,9 @@ def test_layers_are_prepared_on_a_cuda_device_one_matrix_at_a_time(name: str) ->
 
 
 # Methods that cannot be DPO's reference by switching off, and why (their one-line refusal).
-NO_SWITCH = {"lq_lora": "adapter=lq_lora starts from non-zero factors"}
+# aTLAS starts from its sources' average update and a merged run from its merge: off is not where they start.
+NO_SWITCH = {"lq_lora": "adapter=lq_lora starts from non-zero factors",
+             "atlas": "adapter=atlas cannot switch itself off", "merged": "adapter=merged cannot switch itself off"}
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTERS))

@@ -86,6 +86,7 @@ def untrusted_run(trained_run, tmp_path) -> tuple[Path, Path]:
     run_dir = copy_run(trained_run, tmp_path / "theirs")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg["model"].update(name_or_path=str(tmp_path / "custom_model"), random_init=None, trust_remote_code=True)
+    cfg["adapter"]["target_modules"] = ["q_proj", "v_proj"]  # its model_type is in no family table: no auto targets
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     write_manifest(run_dir, {"kind": "run"}, files=["adapter.safetensors", "config.yaml"])
     return run_dir, marker
@@ -135,7 +136,7 @@ def test_bad_input_is_one_line_and_writes_nothing(trained_run, trained_cls_run, 
         "unsaved step": (["generate", str(run_dir), "--prompt", "hi", "--checkpoint", "step-99"],
                          "--checkpoint 'step-99': allowed: best, last, or a saved step (step-3, step-6)"),
         "gguf of an encoder": (["export", str(trained_cls_run), "--format", "gguf", "--out", str(tmp_path / "o.gguf")],
-                               "--format gguf writes causal language models of architecture llama"),
+                               "--format gguf writes causal language models of the families llama, mistral, qwen2"),
         "wrong task for the model": (["eval", str(run_dir), "data=bbc_news"],
                                      "data=bbc_news is classification data, for a seq_cls model"),
         "dtype without gguf": (["export", str(run_dir), "--dtype", "q8_0", "--out", str(tmp_path / "o")],

@@ -79,9 +79,9 @@ def test_chat_keeps_the_history_and_resets(varied_run, monkeypatch) -> None:
     seen: list[str] = []
     original = gen.generate_ids
 
-    def recording(batch, sampling, streamer=None):
+    def recording(batch, sampling, streamer=None, **kwargs):
         seen.append(gen.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=False))
-        return original(batch, sampling, streamer)
+        return original(batch, sampling, streamer, **kwargs)
 
     monkeypatch.setattr(gen, "generate_ids", recording)
     stdout = io.StringIO()

@@ -120,7 +120,8 @@ def test_a_chat_template_that_cannot_mask_the_answer_is_one_line() -> None:
     class Tokenizer:
         chat_template = "x"
 
-        def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=False):
+        def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=False,
+                                tools=None):
             return "<head>" if add_generation_prompt else "<other>" + messages[-1]["content"]
 
     with pytest.raises(PetunerError, match=r"^odd row 1: the chat template is not prefix-stable") as err:

@@ -122,8 +122,9 @@ def check_switch(method: Any) -> None:
     if full_finetuning(method):
         return
     if not isinstance(method, SwitchesOff):
-        raise ConfigError(f"adapter={method.name} cannot switch itself off, so it gives no reference model; "
-                          "use loss=simpo or loss=orpo (reference-free), or another adapter")
+        raise ConfigError(f"adapter={method.name} cannot switch itself off, so it gives no reference model; set "
+                          "loss.precompute_reference=true (the starting model scores the data once), use loss=simpo "
+                          "or loss=orpo (reference-free), or another adapter")
     refusal = method.switch_off_refusal()
     if refusal:
         raise ConfigError(refusal)
