@@ -6,44 +6,21 @@ that decorates its ``AdapterMethod`` with ``@register_adapter`` (plus its YAML i
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
 from petuner.adapters.base import AdapterMethod
-from petuner.errors import ConfigError
+from petuner.registry import Registry
 
-_REGISTRY: dict[str, type[AdapterMethod]] = {}
-_INFRASTRUCTURE = {"base", "registry", "inject", "capabilities", "targets", "peft_form"}
-
-
-def register_adapter(cls: type[AdapterMethod]) -> type[AdapterMethod]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"adapter name {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _discover() -> None:
-    import petuner.adapters as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in _INFRASTRUCTURE:
-            importlib.import_module(f"{package.__name__}.{info.name}")
-
-
-def adapter_names() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+ADAPTERS = Registry("petuner.adapters", "adapter", "adapter",
+                    infrastructure={"base", "registry", "inject", "capabilities", "targets", "peft_form"})
+register_adapter = ADAPTERS.register
+adapter_names = ADAPTERS.names
 
 
 def get_adapter_class(name: str) -> type[AdapterMethod]:
-    names = adapter_names()
-    if name not in _REGISTRY:
-        raise ConfigError(f"adapter={name!r} is not a registered adapter; allowed: {', '.join(names)}")
-    return _REGISTRY[name]
+    return ADAPTERS.get(name)
 
 
 def build_adapter(cfg: Any) -> AdapterMethod:
     """Instantiate (and validate) the method named by ``cfg.name``."""
-    return get_adapter_class(str(cfg["name"]))(cfg)
+    return ADAPTERS.build(cfg)
