@@ -37,6 +37,7 @@ from petuner.adapters.base import (
     set_submodule,
 )
 from petuner.adapters.capabilities import PeftNative, SwitchesOff
+from petuner.adapters.conv1d import refuse_conv1d
 from petuner.adapters.peft_form import PEFT_TASK_TYPES
 from petuner.adapters.registry import register_adapter
 from petuner.adapters.targets import match_parameters, match_targets
@@ -47,6 +48,10 @@ from petuner.train.hooks import Hook, TrainState
 
 log = logging.getLogger(__name__)
 ADAPTER = "default"  # peft's adapter name
+
+
+# peft's LyCORIS tuners build their layers for nn.Linear and nn.Conv2d only (peft.tuners.lycoris_utils).
+NO_CONV1D = ("LOHA", "LOKR")
 
 
 def peft_types() -> list[str]:
@@ -293,7 +298,10 @@ class PeftTuner(AdapterMethod, PeftNative, SwitchesOff):
             log.info("adapter=peft target_parameters: %d parameters adapted (%s, ...)", len(named), named[0])
             if not spec:
                 return []
-        return match_targets(model, spec if isinstance(spec, str) else list(spec), exclude)
+        targets = match_targets(model, spec if isinstance(spec, str) else list(spec), exclude)
+        if self.cfg.peft_type in NO_CONV1D:  # peft itself would refuse at injection, after the data is built
+            refuse_conv1d(model, targets, f"adapter=peft peft_type={self.cfg.peft_type}")
+        return targets
 
     def apply(self, model: nn.Module, head_modules: Sequence[str] = ()) -> Injection:
         from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
