@@ -87,12 +87,13 @@ def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "ev
             raise ConfigError(f"data={report_name(data_cfg)} is {kind} data, for a "
                               f"{' or '.join(TASKS_OF_KIND[kind])} model, but {path} is a {task} model")
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
-    if kind == "preference":  # scored as the run trained: its objective and its reference
+    if kind in ("preference", "unpaired"):  # scored as the run trained: its objective and its reference
         loaded = load_run(path, trust_remote_code=trust_remote_code, **kwargs)
         model, tokenizer, objective = loaded.model, loaded.tokenizer, run_objective(loaded)
     else:
         (model, tokenizer), objective = petuner.load(path, trust_remote_code=trust_remote_code, **kwargs), Objective()
     data = build_data(data_cfg, tokenizer, task)
+    objective.collate(data, tokenizer, int(data_cfg.max_length))
     if data.label_names != folder_labels(path):
         raise PetunerError(f"the data's labels {data.label_names} differ from the ones {path} learnt "
                            f"{folder_labels(path)}")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
 from petuner.checks import check_number
-from petuner.data import classification, columns, preference, sft, text
+from petuner.data import classification, columns, preference, sft, text, unpaired
 from petuner.data.cache import cached_map, tokenizer_hash
 from petuner.data.mixture import mix
 from petuner.data.report import loss_per_row, split_stats
@@ -141,6 +141,9 @@ def _tokenize(dataset: Dataset, kind: str, form: str | None, tokenizer: Any, src
     if kind == "preference":
         return cached_map(dataset, preference.build_pair_fn(tokenizer, src, where), "preference", settings,
                           remove_columns=dataset.column_names)
+    if kind == "unpaired":
+        return cached_map(dataset, unpaired.build_unpaired_fn(tokenizer, src, where), "unpaired", settings,
+                          remove_columns=dataset.column_names)
     return cached_map(dataset, sft.build_fn(tokenizer, src, form, where), "sft", settings,
                       remove_columns=dataset.column_names)
 
@@ -186,7 +189,7 @@ def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kin
     if task not in TASKS_OF_KIND[kind]:
         raise ConfigError(f"data ({kind}) needs a {' or '.join(TASKS_OF_KIND[kind])} model, but model.task={task}")
     if kind not in columns.CONVERSATION_KINDS:  # pairs are conversations whose completion always carries the loss
-        for k in ("train_on",) if kind == "preference" else ("train_on", "truncation", "system_prompt"):
+        for k in ("train_on",) if kind in ("preference", "unpaired") else ("train_on", "truncation", "system_prompt"):
             if src[k] != DEFAULTS[k]:
                 raise ConfigError(f"data.{k}={src[k]} applies to conversations, not to {kind} data ({where})")
     names = columns.label_names(raw) if kind == "classification" else []
@@ -199,6 +202,9 @@ def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kin
         if len(splits[split]) == 0:
             raise PetunerError(f"{where}: no usable {split} examples after tokenization "
                                f"({report[split]['dropped']} dropped); raise data.max_length?")
+    if kind == "unpaired":  # before training: KTO needs both classes
+        desirable = int(np.sum(splits["train"]["desirable"]))
+        unpaired.check_classes(desirable, len(splits["train"]) - desirable, f"{where} (train)")
     return Built(src.name, kind, splits, names, report)
 
 
@@ -227,6 +233,8 @@ def build_data(cfg: Any, tokenizer: Any, task: str, check_kind: Any = None) -> D
         collate = DataCollatorWithPadding(tokenizer)
     elif kind == "preference":
         collate = preference.PairCollator(tokenizer.pad_token_id)
+    elif kind == "unpaired":
+        collate = unpaired.KTOCollator(tokenizer.pad_token_id, int(cfg.max_length))
     else:
         collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=sft.IGNORE)
     report.update(train_examples=len(train), eval_examples=len(held_out))

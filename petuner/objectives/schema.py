@@ -42,4 +42,7 @@ class RegisteredObjective(Objective):
                               f"rejected}} rows), but the data is of kind {kind}")
         if not self.data_kinds and kind == "preference":
             raise ConfigError("the data holds preference pairs (chosen, rejected): train them with loss=dpo, "
-                              f"simpo, orpo or reward, not loss={self.name}")
+                              f"simpo, orpo, kto or reward, not loss={self.name}")
+        if kind == "unpaired" and "unpaired" not in self.data_kinds:
+            raise ConfigError("the data holds labelled completions (prompt, completion, label): train them with "
+                              f"loss=kto, not loss={self.name}")
