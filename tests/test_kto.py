@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,6 @@ from petuner.adapters import adapter_layers, build_adapter, inject
 from petuner.data import build_data
 from petuner.data.sft import IGNORE
 from petuner.data.unpaired import KTOCollator
-from petuner.errors import ConfigError
 from petuner.models import load_tokenizer
 from petuner.objectives import build_objective
 from petuner.objectives.reference import build_reference
@@ -173,7 +173,32 @@ def test_kto_trains_a_few_steps(tmp_path) -> None:
     assert steps[-1]["train/loss"] < steps[0]["train/loss"] and math.isfinite(steps[-1]["train/kl"])
 
 
-def test_kto_with_one_label_class_is_refused(tokenizer, tmp_path) -> None:
-    rows = [r for r in unpaired_rows(False) if r["label"]]
-    with pytest.raises(ConfigError, match=r"all \d+ rows are labelled true; loss=kto needs both"):
-        build_data(data_cfg(write(tmp_path / "one.jsonl", rows)), tokenizer, "causal_lm")
+def bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    rows = unpaired_rows(False)
+    one = write(tmp / "one.jsonl", [r for r in rows if r["label"]])
+    numbers = write(tmp / "numbers.jsonl", [{**r, "label": int(r["label"])} for r in rows])
+    good = ["data=hf", f"data.path={write(tmp / 'kto.jsonl', rows)}"]
+    return {
+        "one label class": (["loss=kto", "data=hf", f"data.path={one}"],
+                            r"one.jsonl: all 20 rows are labelled true; loss=kto needs both desirable"),
+        "label not a bool": (["loss=kto", "data=hf", f"data.path={numbers}"],
+                             r"numbers.jsonl: label=1; KTO's label is true \(desirable\) or false"),
+        "beta <= 0": (["loss=kto", *good, "loss.beta=0"], r"^loss.beta=0: must be a number > 0$"),
+        "unpaired with loss=dpo": (["loss=dpo", *good], r"loss=dpo trains on preference data .* of kind unpaired"),
+        "unpaired with loss=sft": (["loss=sft", *good], r"labelled completions .* train them with loss=kto"),
+    }
+
+
+@pytest.mark.parametrize("case", ["one label class", "label not a bool", "beta <= 0", "unpaired with loss=dpo",
+                                  "unpaired with loss=sft"])
+def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys) -> None:
+    """Each refused in one line, exit 2, before anything is tokenized (seen to fail, for one label class,
+    with the check removed: the run would train on a constant label)."""
+    from petuner.cli import main as petuner_main
+
+    overrides, message = bad_cases(tmp_path)[case]
+    assert petuner_main(["data", "model=tiny_llama", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert re.search(message, err[len("error: "):]), err
+    assert not list((tmp_path / "cache").rglob("*.arrow"))  # nothing written

@@ -192,6 +192,8 @@ def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kin
         for k in ("train_on",) if kind in ("preference", "unpaired") else ("train_on", "truncation", "system_prompt"):
             if src[k] != DEFAULTS[k]:
                 raise ConfigError(f"data.{k}={src[k]} applies to conversations, not to {kind} data ({where})")
+    if kind == "unpaired":  # KTO needs both classes: checked on the raw rows, before anything is written
+        unpaired.check_classes(raw["label"], where)
     names = columns.label_names(raw) if kind == "classification" else []
     if task == "seq_cls" and kind == "preference":
         names = ["reward"]  # a reward model: one output, its score
@@ -202,9 +204,6 @@ def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kin
         if len(splits[split]) == 0:
             raise PetunerError(f"{where}: no usable {split} examples after tokenization "
                                f"({report[split]['dropped']} dropped); raise data.max_length?")
-    if kind == "unpaired":  # before training: KTO needs both classes
-        desirable = int(np.sum(splits["train"]["desirable"]))
-        unpaired.check_classes(desirable, len(splits["train"]) - desirable, f"{where} (train)")
     return Built(src.name, kind, splits, names, report)
 
 

@@ -31,8 +31,6 @@ def build_unpaired_fn(tokenizer: Any, cfg: Any, where: str) -> Any:
 
     def tokenize_row(row: dict[str, Any]) -> dict[str, Any]:
         fault = f"{where} row {row['__row__'] + 1}"
-        if not isinstance(row["label"], bool):
-            raise PetunerError(f"{fault}: label={row['label']!r}; KTO's label is true (desirable) or false")
         prompt = _messages(row["prompt"], "user", f"{fault} (prompt)")
         if system_prompt and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": system_prompt}, *prompt]
@@ -88,8 +86,12 @@ class KTOCollator:
         return batch
 
 
-def check_classes(desirable: int, undesirable: int, where: str) -> None:
+
+def check_classes(labels: list[Any], where: str) -> None:
     """KTO learns from both kinds of example; one class alone gives it nothing to tell apart."""
-    if not desirable or not undesirable:
-        raise ConfigError(f"{where}: all {desirable + undesirable} rows are labelled {str(bool(desirable)).lower()}; "
-                          "loss=kto needs both desirable (label true) and undesirable (label false) completions")
+    bad = next((v for v in labels if not isinstance(v, bool)), None)
+    if bad is not None:
+        raise PetunerError(f"{where}: label={bad!r}; KTO's label is true (desirable) or false (undesirable)")
+    if len(set(labels)) < 2:
+        raise ConfigError(f"{where}: all {len(labels)} rows are labelled {str(labels[0]).lower()}; loss=kto "
+                          "needs both desirable (label true) and undesirable (label false) completions")
