@@ -118,8 +118,8 @@ def run_objective(loaded: Any) -> Any:
     loss = loaded.cfg.get("loss") or {"name": "sft"}
     objective = build_objective({k: v for k, v in loss.items() if k != "precompute_reference"})
     if not isinstance(objective, Pairs):
-        raise ConfigError(f"preference pairs score a run trained with a preference loss (dpo, simpo, orpo, reward); "
-                          f"this run trained with loss={loss['name']}")
+        raise ConfigError("preference data score a run trained with a preference loss (dpo, simpo, orpo, kto, "
+                          f"reward); this run trained with loss={loss['name']}")
     return objective
 
 

@@ -163,14 +163,19 @@ def test_kto_trains_a_few_steps(tmp_path) -> None:
     """Step 0: the reference is the policy, so every reward and the KL estimate are 0 and the loss is exactly
     (1 − σ(0)) = 0.5 per row; the loss then goes down (every step is the whole training set: 32 rows)."""
     path = write(tmp_path / "kto.jsonl", unpaired_rows(False))
-    run(make_cfg(tmp_path / "run", "loss=kto", "data=hf", f"data.path={path}", "data.eval_size=8",
-                 "trainer.max_steps=3", "trainer.save_every=null", "trainer.batch_size=32", "optimizer.lr=2e-2",
-                 "optimizer.warmup_steps=0"))
+    info = run(make_cfg(tmp_path / "run", "loss=kto", "data=hf", f"data.path={path}", "data.eval_size=8",
+                        "trainer.max_steps=3", "trainer.save_every=null", "trainer.batch_size=32", "optimizer.lr=2e-2",
+                        "optimizer.warmup_steps=0"))
     steps = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m]
     assert len(steps) == 3 and steps[0]["train/loss"] == pytest.approx(0.5, abs=1e-7)
     for key in ("rewards/chosen", "rewards/rejected", "kl"):
         assert steps[0][f"train/{key}"] == 0.0
     assert steps[-1]["train/loss"] < steps[0]["train/loss"] and math.isfinite(steps[-1]["train/kl"])
+    from petuner.evaluate import evaluate_run  # petuner eval scores it as it trained: its reference, its rows
+
+    _, report = evaluate_run(tmp_path / "run", ["data=hf", f"data.path={path}", "data.eval_size=8"])
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "kl"):
+        assert report[f"eval/{key}"] == pytest.approx(info["results"][f"eval/{key}_after"], abs=1e-5), key
 
 
 def bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
