@@ -207,3 +207,21 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys) ->
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert re.search(message, err[len("error: "):]), err
     assert not list((tmp_path / "cache").rglob("*.arrow"))  # nothing written
+
+
+def test_desirable_and_undesirable_rows_may_come_from_two_sources(tmp_path, capsys) -> None:
+    """A mixture's classes are checked together: good.jsonl (all true) with bad.jsonl (all false) trains KTO,
+    two all-true sources are refused (seen to fail with each source checked alone)."""
+    from petuner.cli import main as petuner_main
+
+    rows = unpaired_rows(False)
+    for name, label in (("good", True), ("bad", False), ("also_good", True)):
+        write(tmp_path / f"{name}.jsonl", [r for r in rows if r["label"] == label])
+
+    def data(first: str, second: str) -> int:
+        sources = f"data.sources=[{{path:'{tmp_path / first}'}},{{path:'{tmp_path / second}'}}]"
+        return petuner_main(["data", "model=tiny_llama", "loss=kto", "data=mixture", sources, "data.eval_size=2"])
+
+    assert data("good.jsonl", "bad.jsonl") == 0 and "(unpaired," in capsys.readouterr().out
+    assert data("good.jsonl", "also_good.jsonl") == 2
+    assert "data.sources (train): all 36 rows are labelled true" in capsys.readouterr().err

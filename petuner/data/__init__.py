@@ -181,7 +181,8 @@ def _split(raw: Dataset, src: DictConfig, where: str) -> dict[str, Dataset]:
     return {"train": train, "eval": parts["test"]}
 
 
-def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kind: Any = None) -> Built:
+def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kind: Any = None,
+                 alone: bool = True) -> Built:
     raw, where = load_source(src)
     raw, kind, form = columns.prepare(raw, src.kind, where, src.columns)
     if check_kind is not None:
@@ -192,8 +193,8 @@ def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kin
         for k in ("train_on",) if kind in ("preference", "unpaired") else ("train_on", "truncation", "system_prompt"):
             if src[k] != DEFAULTS[k]:
                 raise ConfigError(f"data.{k}={src[k]} applies to conversations, not to {kind} data ({where})")
-    if kind == "unpaired":  # KTO needs both classes: checked on the raw rows, before anything is written
-        unpaired.check_classes(raw["label"], where)
+    if kind == "unpaired":  # the labels' type; and KTO needs both classes (a mixture's: checked together)
+        unpaired.check_classes(raw["label"], where, both=alone)
     names = columns.label_names(raw) if kind == "classification" else []
     if task == "seq_cls" and kind == "preference":
         names = ["reward"]  # a reward model: one output, its score
@@ -212,7 +213,11 @@ def build_data(cfg: Any, tokenizer: Any, task: str, check_kind: Any = None) -> D
     refuses a source's kind of data before it is tokenized."""
     datasets.disable_progress_bars()
     key = tokenizer_hash(tokenizer)
-    built = [build_source(src, tokenizer, task, key, check_kind) for src in source_configs(cfg)]
+    sources = source_configs(cfg)
+    built = [build_source(src, tokenizer, task, key, check_kind, alone=len(sources) == 1) for src in sources]
+    if len(built) > 1 and any(b.kind == "unpaired" for b in built):
+        unpaired.check_classes([bool(v) for b in built if b.kind == "unpaired" for v in b.splits["train"]["desirable"]],
+                               "data.sources (train)")
     if len({tuple(b.label_names) for b in built}) > 1:
         raise PetunerError("data.sources: classification sources must share their labels, "
                            f"got {[b.label_names for b in built]}")
@@ -233,7 +238,7 @@ def build_data(cfg: Any, tokenizer: Any, task: str, check_kind: Any = None) -> D
     elif kind == "preference":
         collate = preference.PairCollator(tokenizer.pad_token_id)
     elif kind == "unpaired":
-        collate = unpaired.KTOCollator(tokenizer.pad_token_id, int(cfg.max_length))
+        collate = unpaired.KTOCollator(tokenizer.pad_token_id, int(setting(cfg, "max_length")))
     else:
         collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=sft.IGNORE)
     report.update(train_examples=len(train), eval_examples=len(held_out))

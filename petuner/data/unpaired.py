@@ -87,11 +87,12 @@ class KTOCollator:
 
 
 
-def check_classes(labels: list[Any], where: str) -> None:
-    """KTO learns from both kinds of example; one class alone gives it nothing to tell apart."""
+def check_classes(labels: list[Any], where: str, both: bool = True) -> None:
+    """Labels are booleans; and, where ``both``, of both classes: KTO learns from the contrast, and one class
+    alone gives it nothing to tell apart."""
     bad = next((v for v in labels if not isinstance(v, bool)), None)
     if bad is not None:
         raise PetunerError(f"{where}: label={bad!r}; KTO's label is true (desirable) or false (undesirable)")
-    if len(set(labels)) < 2:
+    if both and len(set(labels)) < 2:
         raise ConfigError(f"{where}: all {len(labels)} rows are labelled {str(labels[0]).lower()}; loss=kto "
                           "needs both desirable (label true) and undesirable (label false) completions")
