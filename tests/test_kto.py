@@ -222,6 +222,7 @@ def test_desirable_and_undesirable_rows_may_come_from_two_sources(tmp_path, caps
         sources = f"data.sources=[{{path:'{tmp_path / first}'}},{{path:'{tmp_path / second}'}}]"
         return petuner_main(["data", "model=tiny_llama", "loss=kto", "data=mixture", sources, "data.eval_size=2"])
 
-    assert data("good.jsonl", "bad.jsonl") == 0 and "(unpaired," in capsys.readouterr().out
+    out = capsys.readouterr().out if data("good.jsonl", "bad.jsonl") == 0 else ""
+    assert "(unpaired," in out and re.search(r"\n(un)?desirable:\n.*\[\[\d+<\|im_end\|>\]\]", out, re.S), out
     assert data("good.jsonl", "also_good.jsonl") == 2
     assert "data.sources (train): all 36 rows are labelled true" in capsys.readouterr().err
