@@ -90,6 +90,7 @@ def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "ev
     if kind in ("preference", "unpaired"):  # scored as the run trained: its objective and its reference
         loaded = load_run(path, trust_remote_code=trust_remote_code, **kwargs)
         model, tokenizer, objective = loaded.model, loaded.tokenizer, run_objective(loaded)
+        objective.check_data_kind(kind)  # e.g. KTO's unpaired rows for a DPO run
     else:
         (model, tokenizer), objective = petuner.load(path, trust_remote_code=trust_remote_code, **kwargs), Objective()
     data = build_data(data_cfg, tokenizer, task)

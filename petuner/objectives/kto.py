@@ -58,6 +58,7 @@ class KTO(Pairs):
     schema: ClassVar[type] = KTOSchema
     needs_reference: ClassVar[bool] = True
     data_kinds: ClassVar[tuple[str, ...]] = ("unpaired", "preference")
+    data_note: ClassVar[str] = "{prompt, completion, label} rows, or {prompt, chosen, rejected} pairs"
     measures: ClassVar[tuple[str, ...]] = ("eval/loss", "eval/rewards/margins")
     metrics: ClassVar[tuple[str, ...]] = METRICS
     reference: Any = None  # set by the run
