@@ -122,7 +122,8 @@ def means(sums: dict[str, Any], scale: bool = True) -> dict[str, Any]:
     """Per-class means of the summed figures (0 where a class is absent, as TRL's nansum) and their margin;
     ``kl`` is divided by the rows where ``scale`` (it was summed as rows × the batch's estimate)."""
     rows = sums["chosen_items"] + sums["rejected_items"]
-    out = {key: sums[key] / sums[count] if sums[count] else sums[key] * 0 for key, count in PER_CLASS.items()}
+    # an absent class sums to 0 over 0 rows: divided by 1 instead (no host sync on a device tensor)
+    out = {key: sums[key] / (sums[count] + (sums[count] == 0)) for key, count in PER_CLASS.items()}
     out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
     out["kl"] = sums["kl"] / rows if scale else sums["kl"]
     return out
