@@ -114,17 +114,16 @@ class KTO(Pairs):
         return {"loss": loss.double() * rows, "items": torch.tensor(float(rows), dtype=torch.float64), **sums}
 
     def eval_metrics(self, kind: str, prefix: str, sums: dict[str, float]) -> dict[str, float]:
-        figures = means({**sums, "kl": sums["kl"] / sums["items"]}, scale=False)
+        figures = means(sums)
         return {f"{prefix}/loss": sums["loss"] / sums["items"], **{f"{prefix}/{k}": figures[k] for k in METRICS}}
 
 
-def means(sums: dict[str, Any], scale: bool = True) -> dict[str, Any]:
-    """Per-class means of the summed figures (0 where a class is absent, as TRL's nansum) and their margin;
-    ``kl`` is divided by the rows where ``scale`` (it was summed as rows × the batch's estimate)."""
-    rows = sums["chosen_items"] + sums["rejected_items"]
+def means(sums: dict[str, Any]) -> dict[str, Any]:
+    """Per-class means of the summed figures (0 where a class is absent, as TRL's nansum), their margin, and
+    ``kl`` (summed as each batch's estimate × its rows) over the rows."""
     # an absent class sums to 0 over 0 rows: divided by 1 instead (no host sync on a device tensor)
     out = {key: sums[key] / (sums[count] + (sums[count] == 0)) for key, count in PER_CLASS.items()}
     out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-    out["kl"] = sums["kl"] / rows if scale else sums["kl"]
+    out["kl"] = sums["kl"] / (sums["chosen_items"] + sums["rejected_items"])
     return out
 
