@@ -8,7 +8,7 @@ MERGE_METHODS = ("linear", "cat", "svd", "task_arithmetic", "ties", "dare_linear
 # The run's `objective`: which way is better, and which model tasks' evaluations report it. Keyed by the
 # task, not the data kind: every kind (chat, sft, text, and mixtures such as sft+text) belongs to one task,
 # so the objective is checked with the config, before any data is read.
-# A preference objective (loss=dpo, simpo, orpo; reward on a seq_cls model) measures eval/loss and the rewards
+# A preference objective (loss=dpo, simpo, orpo, kto; reward on a seq_cls model) measures eval/loss and the rewards
 # instead of perplexity or accuracy.
 DIRECTIONS = {"eval/loss": "minimize", "eval/perplexity": "minimize", "eval/accuracy": "maximize",
               "eval/rewards/accuracies": "maximize", "eval/rewards/margins": "maximize"}

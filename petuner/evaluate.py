@@ -87,12 +87,14 @@ def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "ev
             raise ConfigError(f"data={report_name(data_cfg)} is {kind} data, for a "
                               f"{' or '.join(TASKS_OF_KIND[kind])} model, but {path} is a {task} model")
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
-    if kind == "preference":  # scored as the run trained: its objective and its reference
+    if kind in ("preference", "unpaired"):  # scored as the run trained: its objective and its reference
         loaded = load_run(path, trust_remote_code=trust_remote_code, **kwargs)
         model, tokenizer, objective = loaded.model, loaded.tokenizer, run_objective(loaded)
+        objective.check_data_kind(kind)  # e.g. KTO's unpaired rows for a DPO run
     else:
         (model, tokenizer), objective = petuner.load(path, trust_remote_code=trust_remote_code, **kwargs), Objective()
     data = build_data(data_cfg, tokenizer, task)
+    objective.collate(data, tokenizer, int(data_cfg.max_length))
     if data.label_names != folder_labels(path):
         raise PetunerError(f"the data's labels {data.label_names} differ from the ones {path} learnt "
                            f"{folder_labels(path)}")
@@ -117,8 +119,8 @@ def run_objective(loaded: Any) -> Any:
     loss = loaded.cfg.get("loss") or {"name": "sft"}
     objective = build_objective({k: v for k, v in loss.items() if k != "precompute_reference"})
     if not isinstance(objective, Pairs):
-        raise ConfigError(f"preference pairs score a run trained with a preference loss (dpo, simpo, orpo, reward); "
-                          f"this run trained with loss={loss['name']}")
+        raise ConfigError("preference data score a run trained with a preference loss (dpo, simpo, orpo, kto, "
+                          f"reward); this run trained with loss={loss['name']}")
     return objective
 
 

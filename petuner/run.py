@@ -202,6 +202,7 @@ def set_up(cfg: DictConfig) -> Setup:
 
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(plan.data, tokenizer, cfg.model.task, check_kind=plan.objective.check_data_kind)
+    plan.objective.collate(data, tokenizer, int(cfg.data.max_length))
     if cfg.data.packing:
         data = pack_bundle(data, tokenizer, cfg.data.max_length, cfg.data.split_seed)
     log.info("data:\n%s", describe(data, tokenizer, examples=1))

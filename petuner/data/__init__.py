@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
 from petuner.checks import check_number
-from petuner.data import classification, columns, preference, sft, text
+from petuner.data import classification, columns, preference, sft, text, unpaired
 from petuner.data.cache import cached_map, tokenizer_hash
 from petuner.data.mixture import mix
 from petuner.data.report import loss_per_row, split_stats
@@ -141,6 +141,9 @@ def _tokenize(dataset: Dataset, kind: str, form: str | None, tokenizer: Any, src
     if kind == "preference":
         return cached_map(dataset, preference.build_pair_fn(tokenizer, src, where), "preference", settings,
                           remove_columns=dataset.column_names)
+    if kind == "unpaired":
+        return cached_map(dataset, unpaired.build_unpaired_fn(tokenizer, src, where), "unpaired", settings,
+                          remove_columns=dataset.column_names)
     return cached_map(dataset, sft.build_fn(tokenizer, src, form, where), "sft", settings,
                       remove_columns=dataset.column_names)
 
@@ -178,7 +181,8 @@ def _split(raw: Dataset, src: DictConfig, where: str) -> dict[str, Dataset]:
     return {"train": train, "eval": parts["test"]}
 
 
-def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kind: Any = None) -> Built:
+def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kind: Any = None,
+                 alone: bool = True) -> Built:
     raw, where = load_source(src)
     raw, kind, form = columns.prepare(raw, src.kind, where, src.columns)
     if check_kind is not None:
@@ -186,9 +190,11 @@ def build_source(src: DictConfig, tokenizer: Any, task: str, key: str, check_kin
     if task not in TASKS_OF_KIND[kind]:
         raise ConfigError(f"data ({kind}) needs a {' or '.join(TASKS_OF_KIND[kind])} model, but model.task={task}")
     if kind not in columns.CONVERSATION_KINDS:  # pairs are conversations whose completion always carries the loss
-        for k in ("train_on",) if kind == "preference" else ("train_on", "truncation", "system_prompt"):
+        for k in ("train_on",) if kind in ("preference", "unpaired") else ("train_on", "truncation", "system_prompt"):
             if src[k] != DEFAULTS[k]:
                 raise ConfigError(f"data.{k}={src[k]} applies to conversations, not to {kind} data ({where})")
+    if kind == "unpaired":  # the labels' type; and KTO needs both classes (a mixture's: checked together)
+        unpaired.check_classes(raw["label"], where, both=alone)
     names = columns.label_names(raw) if kind == "classification" else []
     if task == "seq_cls" and kind == "preference":
         names = ["reward"]  # a reward model: one output, its score
@@ -207,7 +213,11 @@ def build_data(cfg: Any, tokenizer: Any, task: str, check_kind: Any = None) -> D
     refuses a source's kind of data before it is tokenized."""
     datasets.disable_progress_bars()
     key = tokenizer_hash(tokenizer)
-    built = [build_source(src, tokenizer, task, key, check_kind) for src in source_configs(cfg)]
+    sources = source_configs(cfg)
+    built = [build_source(src, tokenizer, task, key, check_kind, alone=len(sources) == 1) for src in sources]
+    if len(built) > 1 and any(b.kind == "unpaired" for b in built):
+        unpaired.check_classes([bool(v) for b in built if b.kind == "unpaired" for v in b.splits["train"]["desirable"]],
+                               "data.sources (train)")
     if len({tuple(b.label_names) for b in built}) > 1:
         raise PetunerError("data.sources: classification sources must share their labels, "
                            f"got {[b.label_names for b in built]}")
@@ -227,6 +237,8 @@ def build_data(cfg: Any, tokenizer: Any, task: str, check_kind: Any = None) -> D
         collate = DataCollatorWithPadding(tokenizer)
     elif kind == "preference":
         collate = preference.PairCollator(tokenizer.pad_token_id)
+    elif kind == "unpaired":
+        collate = unpaired.KTOCollator(tokenizer.pad_token_id, int(setting(cfg, "max_length")))
     else:
         collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=sft.IGNORE)
     report.update(train_examples=len(train), eval_examples=len(held_out))

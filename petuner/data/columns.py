@@ -15,8 +15,10 @@ from petuner.data.conversations import FORMS, OPTIONAL, form_of
 from petuner.errors import PetunerError
 
 CONVERSATION_KINDS = ("chat", "sft")
-# Checked in this order by data.kind=auto: preference pairs before plain text (a pair set may carry a text column).
-PLAIN = {"preference": ("chosen", "rejected"), "classification": ("text", "label"), "text": ("text",)}
+# Checked in this order by data.kind=auto: preference pairs before plain text (a pair set may carry a text column),
+# KTO's labelled completions before classification (both have a label).
+PLAIN = {"preference": ("chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
+         "classification": ("text", "label"), "text": ("text",)}
 PLAIN_OPTIONAL = {"preference": ("prompt",)}
 NAMES = sorted({c for cols in (*FORMS.values(), *OPTIONAL.values(), *PLAIN.values(), *PLAIN_OPTIONAL.values())
                 for c in cols})
@@ -46,6 +48,7 @@ def kind_and_form(names: list[str], kind: str, where: str) -> tuple[str, str | N
         if not kind:
             raise PetunerError(f"{where}: cannot tell the data kind from columns {sorted(names)}: expected messages, "
                                "conversations, {instruction, output}, {prompt, response}, {chosen, rejected}, "
+                               "{prompt, completion, label}, "
                                "{text, label} or {text} "
                                "(data.columns maps your names onto these)")
         return kind, None

@@ -63,13 +63,16 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 
 def show_example(example: dict[str, Any], tokenizer: Any, kind: str, label_names: list[str]) -> str:
-    """One example decoded; the tokens that carry loss between [[ and ]] (a pair: both sides)."""
+    """One example decoded; the tokens that carry loss between [[ and ]] (a pair: both sides; KTO's row: its label)."""
     ids = example["input_ids"]
     if kind == "classification":
         return f"{tokenizer.decode(ids)!r} -> label {label_names[example['labels']]!r}"
     if kind == "preference":
         return (f"chosen:\n{_marked(ids, example['labels'], tokenizer)}\n"
                 f"rejected:\n{_marked(example['rejected_input_ids'], example['rejected_labels'], tokenizer)}")
+    if kind == "unpaired":
+        label = "desirable" if example["desirable"] else "undesirable"
+        return f"{label}:\n{_marked(ids, example['labels'], tokenizer)}"
     return _marked(ids, example["labels"], tokenizer)
 
 

@@ -13,10 +13,12 @@ from petuner.data.sources import ALL_FORMATS
 from petuner.errors import ConfigError
 from petuner.schema import checked, choice, flag, number
 
-KINDS = ("chat", "sft", "text", "classification", "preference")
-# The model tasks each kind of data trains (preference pairs: a policy, or a reward model's classifier).
+KINDS = ("chat", "sft", "text", "classification", "preference", "unpaired")
+# The model tasks each kind of data trains (preference pairs: a policy, or a reward model's classifier;
+# unpaired completions: KTO's policy).
 TASKS_OF_KIND = {"chat": ("causal_lm",), "sft": ("causal_lm",), "text": ("causal_lm",),
-                 "classification": ("seq_cls",), "preference": ("causal_lm", "seq_cls")}
+                 "classification": ("seq_cls",), "preference": ("causal_lm", "seq_cls"),
+                 "unpaired": ("causal_lm",)}
 
 
 

@@ -25,6 +25,7 @@ class RegisteredObjective(Objective):
     schema: ClassVar[type] = ObjectiveSchema
     data_kinds: ClassVar[tuple[str, ...]] = ()  # the data kinds it trains on; (): any but preference pairs
     needs_reference: ClassVar[bool] = False
+    data_note: ClassVar[str] = "{prompt, chosen, rejected} rows"  # the rows of data_kinds, as error lines name them
     measures: ClassVar[tuple[str, ...]] = LANGUAGE_METRICS  # what `objective=` (sweeps, best/) may follow
 
     def __init__(self, cfg: DictConfig | dict[str, Any]) -> None:
@@ -38,8 +39,11 @@ class RegisteredObjective(Objective):
     def check_data_kind(self, kind: str) -> None:
         """Refuse data this objective cannot train on (known once the columns are read, before tokenizing)."""
         if self.data_kinds and kind not in self.data_kinds:
-            raise ConfigError(f"loss={self.name} trains on {' or '.join(self.data_kinds)} data ({{prompt, chosen, "
-                              f"rejected}} rows), but the data is of kind {kind}")
+            raise ConfigError(f"loss={self.name} trains on {' or '.join(self.data_kinds)} data ({self.data_note}), "
+                              f"but the data is of kind {kind}")
         if not self.data_kinds and kind == "preference":
             raise ConfigError("the data holds preference pairs (chosen, rejected): train them with loss=dpo, "
-                              f"simpo, orpo or reward, not loss={self.name}")
+                              f"simpo, orpo, kto or reward, not loss={self.name}")
+        if kind == "unpaired" and "unpaired" not in self.data_kinds:
+            raise ConfigError("the data holds labelled completions (prompt, completion, label): train them with "
+                              f"loss=kto, not loss={self.name}")

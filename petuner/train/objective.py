@@ -8,6 +8,7 @@ what ``objective=sft`` trains and what a ``Loop`` built without an objective use
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ def labelled_items(batch: dict[str, torch.Tensor], kind: str) -> int:
 
 class Objective:
     """The model's own loss. Subclasses override ``items``, ``loss``, ``eval_sums`` and ``eval_metrics``."""
+
+    def collate(self, data: Any, tokenizer: Any, max_length: int) -> None:
+        """Set ``data.collate`` where this objective batches the data its own way (KTO on preference pairs)."""
 
     def items(self, batch: dict[str, torch.Tensor], kind: str) -> int:
         """What the batch's mean loss averages over (host side): the loop weighs micro-batches by it."""
