@@ -44,10 +44,10 @@ def test_cfg_job_prints_the_composed_job_config(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_cfg_job_resolve_resolves_interpolations(tmp_path) -> None:
-    done = train_py("--cfg", "job", "--resolve", "model=tiny_llama", cwd=tmp_path)
+    done = train_py("--cfg", "job", "--resolve", "model=tiny_llama", "model.lora_targets=[q_proj,k_proj]", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     cfg = yaml.safe_load(done.stdout)
-    assert cfg["adapter"]["target_modules"] == ["q_proj", "v_proj"] and "${" not in done.stdout
+    assert cfg["adapter"]["target_modules"] == ["q_proj", "k_proj"] and "${" not in done.stdout
 
 
 @pytest.mark.slow

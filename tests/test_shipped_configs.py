@@ -1,5 +1,5 @@
-"""Every shipped config runs from the command line: each YAML in conf/data/, conf/adapter/ and conf/optimizer/
-is composed through ``train.py`` and trains one step end to end on a tiny model.
+"""Every shipped config runs from the command line: each YAML in conf/data/, conf/adapter/, conf/optimizer/ and
+conf/loss/ is composed through ``train.py`` and trains one step end to end on a tiny model.
 
 All of them run in ONE real process, a Hydra multirun (basic launcher, jobs in sequence): the test writes one
 ``case`` config per shipped YAML into a ``--config-dir`` (the experiment pattern: ``# @package _global_``, a
@@ -25,13 +25,16 @@ from petuner.io import ADAPTER_FILE, RUN_FILE
 from petuner.sweep import STATUS_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS = ("data", "adapter", "optimizer")
+GROUPS = ("data", "adapter", "optimizer", "loss")
 # Small enough that a job is about composition and plumbing; one optimizer step, evaluated before and after.
 COMMON = ("logger=none", "data.limit=8", "data.eval_size=4", "data.max_length=64", "trainer.max_steps=1",
           "trainer.batch_size=2", "trainer.eval_batch_size=4", "trainer.save_every=null", "optimizer.warmup_steps=0")
 CHATS = [{"messages": [{"role": "user", "content": f"ping {i}"}, {"role": "assistant", "content": f"pong {i}"}]}
          for i in range(16)]
 PAIRS = [{"prompt": f"What is {i} plus {i}?", "response": f"{2 * i}."} for i in range(16)]
+PREFERENCES = [{"prompt": f"What is {i} plus {i}?", "chosen": f"{2 * i}.", "rejected": f"{2 * i + 1}."}
+               for i in range(16)]
+ON_PREFERENCES = ({"data": "hf"}, {"data": {"path": "{tmp}/preferences.jsonl"}})
 # "<group>/<file stem>" -> (other groups this case selects, values it sets). "{tmp}" is the test's folder.
 NEEDS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "data/chat": ({}, {"data": {"path": "{tmp}/chats.jsonl"}}),
@@ -41,6 +44,9 @@ NEEDS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "adapter/lq_lora": ({}, {"adapter": {"iterations": 2}}),  # fewer SVD <-> quantize rounds, same code
     "optimizer/galore": ({"adapter": "none"}, {"optimizer": {"rank": 8}}),  # GaLore is full fine-tuning;
     "optimizer/galore8bit": ({"adapter": "none"}, {"optimizer": {"rank": 8}}),  # rank 128 projects no tiny matrix
+    "adapter/atlas": ({}, {"adapter": {"lora_r": 4}}),  # its LoRA alone: composing needs earlier runs (test_atlas)
+    **{f"loss/{name}": ON_PREFERENCES for name in ("dpo", "simpo", "orpo", "kto")},  # kto: pairs made unpaired
+    "loss/reward": ({**ON_PREFERENCES[0], "model": "tiny_bert"}, ON_PREFERENCES[1]),  # a one-output classifier
 }
 
 
@@ -60,7 +66,7 @@ def write_case(folder: Path, name: str, tmp: Path) -> str:
 
 
 def write_files(tmp: Path) -> None:
-    for file, rows in (("chats.jsonl", CHATS), ("pairs.jsonl", PAIRS)):
+    for file, rows in (("chats.jsonl", CHATS), ("pairs.jsonl", PAIRS), ("preferences.jsonl", PREFERENCES)):
         (tmp / file).write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 

@@ -44,7 +44,7 @@ ARTIFACTS = Path(os.environ.get("PETUNER_TEST_ARTIFACTS", REPO / "test-artifacts
 USER, PASSWORD = "tester", "correct horse"
 FORM = {"data.limit": "64", "data.eval_size": "16", "data.max_length": "64", "trainer.batch_size": "4",
         "trainer.eval_every": "50", "optimizer.warmup_steps": "0", "optimizer.lr": "1e-2"}
-STEPS = "100"
+STEPS = "300"  # long enough that Abort lands mid-run on an idle machine (100 steps could finish first)
 WAIT_MS = 120_000
 
 
@@ -177,7 +177,7 @@ def compose(page: object, store: Path) -> None:
     page.wait_for_function("document.querySelector('#command input, #command textarea').value.length > 0")
     command = page.locator("#command input, #command textarea").first.input_value()
     assert command.startswith("petuner train model=tiny_llama ") and f"trainer.max_steps={STEPS}" in command
-    assert "max_steps: 100" in text(page, "config")
+    assert f"max_steps: {STEPS}" in text(page, "config")
     shot(page, "2-compose")
 
 
@@ -195,7 +195,7 @@ def launch_watch_abort(page: object, store: Path) -> Path:
     import petuner
 
     page.click("#launch")
-    points = r"running · step \d+ / 100 · (\d+) loss points"
+    points = rf"running · step \d+ / {STEPS} · (\d+) loss points"
     first = int(wait_text(page, "progress", points).group(1))
     later = first
     while later <= first:  # the curve gains points while the run trains
