@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup train test lint bench
+.PHONY: setup train test lint bench llama-cpp
 setup: $(STAMP)
 
 # Exact versions from constraints.txt (torch pinned to the CPU build on disk in the same command); the ranges
@@ -36,3 +36,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+# llama.cpp as a peer for the GGUF checks (tests/test_llama_cpp.py, test_families.py; they skip without it): built
+# from source (~6 min on 2 cores), AMX off (a native build crashes on quantized files on CPUs that advertise it).
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF \
+		-DGGML_AMX_TILE=OFF" $(PY) -m pip install --quiet -c constraints.txt llama-cpp-python==0.3.36 diskcache
