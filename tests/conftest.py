@@ -39,6 +39,19 @@ class Crash(Exception):
     """Stands in for a kill right after a checkpoint was written."""
 
 
+def crash_after_first_checkpoint(patch: pytest.MonkeyPatch) -> None:
+    """Make the loop raise ``Crash`` right after it writes its first checkpoint (patched through ``patch``)."""
+    from petuner.train import loop as loop_module
+
+    original = loop_module.save_checkpoint
+
+    def crash_after_first(run_dir, step, *args, **kwargs):
+        original(run_dir, step, *args, **kwargs)
+        raise Crash(step)
+
+    patch.setattr(loop_module, "save_checkpoint", crash_after_first)
+
+
 @pytest.fixture
 def resume_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[Path, Path]]:
     """Train ``overrides`` twice — straight through, and crashing right after the first checkpoint then
@@ -46,21 +59,14 @@ def resume_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..
     from safetensors.torch import load_file
 
     from petuner.run import run
-    from petuner.train import loop as loop_module
     from petuner.train.checkpoint import checkpoints
     from petuner.train.logging import read_metrics
 
     def check(*overrides: str, first_checkpoint: str = "step-00000003") -> tuple[Path, Path]:
         straight, resumed = tmp_path / "straight", tmp_path / "resumed"
         run(make_cfg(straight, *overrides))
-        original = loop_module.save_checkpoint
-
-        def crash_after_first(run_dir, step, *args, **kwargs):
-            original(run_dir, step, *args, **kwargs)
-            raise Crash(step)
-
         with monkeypatch.context() as patch:
-            patch.setattr(loop_module, "save_checkpoint", crash_after_first)
+            crash_after_first_checkpoint(patch)
             with pytest.raises(Crash):
                 run(make_cfg(resumed, *overrides))
         assert [c.name for c in checkpoints(resumed)] == [first_checkpoint]

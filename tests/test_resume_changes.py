@@ -13,10 +13,9 @@ from transformers import get_scheduler
 from petuner.errors import PetunerError
 from petuner.optim.schema import SCHEDULES
 from petuner.run import run
-from petuner.train import loop as loop_module
 from petuner.train.checkpoint import checkpoints
 from petuner.train.logging import read_metrics
-from tests.conftest import Crash
+from tests.conftest import Crash, crash_after_first_checkpoint
 
 # The run: 4 steps of 2 x 4 examples, warmup 2, then extended to 8.
 EXTEND = ("optimizer.lr=1e-2", "optimizer.warmup_steps=2", "trainer.batch_size=4", "trainer.grad_accum=2",
@@ -94,14 +93,8 @@ def test_a_change_that_breaks_continuation_is_refused(cfg_factory, trained_run, 
 def test_bookkeeping_may_change_on_resume_and_the_weights_stay_exact(cfg_factory, tmp_path, monkeypatch) -> None:
     # Also: eval/loss_before survives the resume (seen failing before: the resumed run.json had no *_before).
     straight = run(cfg_factory("trainer.max_steps=4", "trainer.save_every=2", run_dir=tmp_path / "straight"))
-    original = loop_module.save_checkpoint
-
-    def crash_after_first(run_dir, step, *args, **kwargs):
-        original(run_dir, step, *args, **kwargs)
-        raise Crash(step)
-
     with monkeypatch.context() as patch:
-        patch.setattr(loop_module, "save_checkpoint", crash_after_first)
+        crash_after_first_checkpoint(patch)
         with pytest.raises(Crash):
             run(cfg_factory("trainer.max_steps=4", "trainer.save_every=2"))
     resumed = run(cfg_factory("trainer.max_steps=4", "trainer.resume=true", "trainer.save_every=1",

@@ -112,6 +112,13 @@ def row_tools(row: dict[str, Any], fault: str) -> list[dict[str, Any]] | None:
     return tools
 
 
+def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """``data.system_prompt`` before a conversation that has no system turn of its own."""
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
 def to_messages(row: dict[str, Any], form: str, system_prompt: str | None, fault: str) -> list[dict[str, str]]:
     """The row as checked messages; ``fault`` (file and row) starts every error line."""
     if form == "messages":
@@ -126,8 +133,7 @@ def to_messages(row: dict[str, Any], form: str, system_prompt: str | None, fault
             prompt, reply = _scalar_text(row["prompt"]), _scalar_text(row["response"])
         pair = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
         messages = _turns(pair, ("role", "content"), {r: r for r in ROLES[:3]}, fault)
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
+    messages = with_system_prompt(messages, system_prompt)
     check_alternation(messages, fault)
     return messages
 

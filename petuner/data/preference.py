@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from petuner.data.conversations import ROLES, _turns, check_alternation
+from petuner.data.conversations import ROLES, _turns, check_alternation, with_system_prompt
 from petuner.data.sft import IGNORE, render
 from petuner.errors import PetunerError
 
@@ -58,8 +58,7 @@ def to_pair(row: dict[str, Any], system_prompt: str | None,
         prompt, chosen, rejected = split_prompt(chosen, rejected, fault)
     else:
         prompt = _messages(row["prompt"], "user", f"{fault} (prompt)")
-    if system_prompt and prompt[0]["role"] != "system":
-        prompt = [{"role": "system", "content": system_prompt}, *prompt]
+    prompt = with_system_prompt(prompt, system_prompt)
     for side in (chosen, rejected):
         check_alternation([*prompt, *side], fault)
     return prompt, chosen, rejected
@@ -86,10 +85,15 @@ def completion(prompt: list[dict[str, str]], reply: list[dict[str, str]], tokeni
     return ids[:limit], labels[:limit], len(ids) > limit
 
 
+def require_fast_tokenizer(tokenizer: Any, what: str) -> None:
+    """Completions are found by character offsets, which only fast tokenizers give."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise PetunerError(f"{what} need a fast tokenizer (character offsets); this model's is not")
+
+
 def build_pair_fn(tokenizer: Any, cfg: Any, where: str) -> Any:
     """The per-row function ``datasets.map`` runs: a raw pair → its two tokenized sides."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise PetunerError("preference pairs need a fast tokenizer (character offsets); this model's is not")
+    require_fast_tokenizer(tokenizer, "preference pairs")
     system_prompt = cfg.get("system_prompt")
 
     def tokenize_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -18,22 +18,20 @@ from typing import Any
 
 import torch
 
-from petuner.data.preference import REJECTED, _messages, completion
+from petuner.data.conversations import with_system_prompt
+from petuner.data.preference import REJECTED, _messages, completion, require_fast_tokenizer
 from petuner.data.sft import IGNORE
 from petuner.errors import ConfigError, PetunerError
 
 
 def build_unpaired_fn(tokenizer: Any, cfg: Any, where: str) -> Any:
     """The per-row function ``datasets.map`` runs: a raw labelled completion → its tokenized row."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise PetunerError("unpaired completions need a fast tokenizer (character offsets); this model's is not")
+    require_fast_tokenizer(tokenizer, "unpaired completions")
     system_prompt = cfg.get("system_prompt")
 
     def tokenize_row(row: dict[str, Any]) -> dict[str, Any]:
         fault = f"{where} row {row['__row__'] + 1}"
-        prompt = _messages(row["prompt"], "user", f"{fault} (prompt)")
-        if system_prompt and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": system_prompt}, *prompt]
+        prompt = with_system_prompt(_messages(row["prompt"], "user", f"{fault} (prompt)"), system_prompt)
         reply = _messages(row["completion"], "assistant", f"{fault} (completion)")
         ids, labels, cut = completion(prompt, reply, tokenizer, cfg, fault)
         if cut and cfg.truncation == "drop_turns":
