@@ -202,7 +202,7 @@ def set_up(cfg: DictConfig) -> Setup:
 
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(plan.data, tokenizer, cfg.model.task, check_kind=plan.objective.check_data_kind)
-    plan.objective.collate(data, tokenizer, int(cfg.data.max_length))
+    plan.objective.prepare_data(data, tokenizer, int(cfg.data.max_length))
     if cfg.data.packing:
         data = pack_bundle(data, tokenizer, cfg.data.max_length, cfg.data.split_seed)
     log.info("data:\n%s", describe(data, tokenizer, examples=1))
@@ -232,8 +232,9 @@ def set_reference(objective: Any, model: torch.nn.Module, method: Any, data: Any
                   device: torch.device, compute_dtype: torch.dtype | None) -> None:
     """A preference objective's reference: precomputed over the data now, or a model to run at every step."""
     if objective.cfg.get("precompute_reference"):
-        log.info("precomputing the reference's log-probabilities over %d + %d pairs", len(data.train), len(data.eval))
-        precompute_reference(model, data, cfg.trainer.eval_batch_size, device, compute_dtype)
+        log.info("precomputing the reference's log-probabilities over %d + %d rows", len(data.train), len(data.eval))
+        precompute_reference(model, data, objective.reference_scores, cfg.trainer.eval_batch_size, device,
+                             compute_dtype)
     else:
         objective.reference = build_reference(model, method, bool(cfg.get("init_from")), heads)
 

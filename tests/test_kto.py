@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from omegaconf import OmegaConf
 
 from petuner.adapters import adapter_layers, build_adapter, inject
 from petuner.data import build_data
 from petuner.data.sft import IGNORE
-from petuner.data.unpaired import KTOCollator
+from petuner.data.unpaired import KTOCollator, with_kl_rows
 from petuner.models import load_tokenizer
 from petuner.objectives import build_objective
 from petuner.objectives.reference import build_reference
@@ -48,7 +49,7 @@ def kto_batch(seed: int = 0) -> dict[str, torch.Tensor]:
         prompt = torch.randint(3, 128, (3 + i,), generator=g).tolist()
         reply = torch.randint(3, 128, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
         rows.append({"input_ids": prompt + reply, "labels": [IGNORE] * len(prompt) + reply, "desirable": desirable})
-    return KTOCollator(pad_token_id=2, max_length=64)(rows)
+    return KTOCollator(pad_token_id=2, max_length=64)(list(with_kl_rows(Dataset.from_list(rows))))
 
 
 def trl_kto(tmp_path: Path, weights: dict[str, torch.Tensor]):
@@ -135,10 +136,14 @@ def data_cfg(path: Path, **kw):
                              "eval_size": 4, "split_seed": 0, "limit": None, "system_prompt": None, **kw})
 
 
+def completion_start(labels: list[int]) -> int:
+    return next(i for i, t in enumerate(labels) if t != IGNORE)
+
+
 def test_unpaired_rows_and_pairs_give_the_same_labelled_completions(tokenizer, tmp_path) -> None:
     """Plain and conversational rows tokenize identically, labelled on the completion only; a pair file
-    batched for KTO gives the same rows, chosen desirable and rejected not, and each KL row is its prompt with
-    the previous row's completion."""
+    prepared for KTO gives each pair's chosen side desirable and its rejected side not, and each KL row is its
+    prompt with the previous row's completion (the first row's: the last row's)."""
     plain, chat = (build_data(data_cfg(write(tmp_path / f"{c}.jsonl", unpaired_rows(c))), tokenizer, "causal_lm")
                    for c in (False, True))
     assert plain.kind == "unpaired" and plain.train[:] == chat.train[:]
@@ -147,16 +152,20 @@ def test_unpaired_rows_and_pairs_give_the_same_labelled_completions(tokenizer, t
     assert reply.endswith("<|im_end|>") and reply[:-len("<|im_end|>")].isdigit(), reply
     pairs = [{"prompt": q, "chosen": good, "rejected": bad} for q, good, bad in QUESTIONS]
     paired = build_data(data_cfg(write(tmp_path / "pairs.jsonl", pairs), eval_size=2), tokenizer, "causal_lm")
-    build_objective({"name": "kto"}).collate(paired, tokenizer, 64)
-    batch = paired.collate([paired.train[i] for i in range(3)])
-    assert batch["desirable"].tolist() == [True] * 3 + [False] * 3
-    row = paired.train[0]
-    assert batch["input_ids"][3, :len(row["rejected_input_ids"])].tolist() == row["rejected_input_ids"]
-    start = row["labels"].index(next(t for t in row["labels"] if t != IGNORE))
-    kl_ids = batch["kl_input_ids"][1].tolist()  # row 1's prompt, row 0's completion
-    other = paired.train[1]["input_ids"]
-    other_start = next(i for i, t in enumerate(paired.train[1]["labels"]) if t != IGNORE)
-    assert kl_ids[:other_start + len(row["input_ids"]) - start] == other[:other_start] + row["input_ids"][start:]
+    before, n = paired.train, len(paired.train)
+    build_objective({"name": "kto"}).prepare_data(paired, tokenizer, 64)
+    rows = paired.train
+    assert paired.kind == "unpaired" and len(rows) == 2 * n and len(paired.eval) == 4
+    assert rows["desirable"] == [1] * n + [0] * n
+    assert rows[0]["input_ids"] == before[0]["input_ids"] and rows[n]["input_ids"] == before[0]["rejected_input_ids"]
+    for i in (0, 1, n):  # row i's prompt with row i-1's completion
+        row, other = rows[i], rows[(i - 1) % len(rows)]
+        start, other_start = completion_start(row["labels"]), completion_start(other["labels"])
+        assert row["kl_input_ids"] == row["input_ids"][:start] + other["input_ids"][other_start:]
+        assert row["kl_labels"] == [IGNORE] * start + other["labels"][other_start:]
+    batch = paired.collate([rows[i] for i in (0, n)])
+    assert batch["desirable"].tolist() == [True, False]
+    assert batch["kl_input_ids"][1, :len(rows[n]["kl_input_ids"])].tolist() == rows[n]["kl_input_ids"]
 
 
 def test_kto_trains_a_few_steps(tmp_path) -> None:
@@ -176,6 +185,23 @@ def test_kto_trains_a_few_steps(tmp_path) -> None:
     _, report = evaluate_run(tmp_path / "run", ["data=hf", f"data.path={path}", "data.eval_size=8"])
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "kl"):
         assert report[f"eval/{key}"] == pytest.approx(info["results"][f"eval/{key}_after"], abs=1e-5), key
+
+
+def test_precomputed_reference_trains_exactly_as_the_switch(tmp_path) -> None:
+    """loss.precompute_reference=true: the rows' and their KL rows' reference values computed once give the
+    same losses, KL estimates and held-out figures as the adapter switched off at every step (seen to fail with
+    the two columns swapped)."""
+    path = write(tmp_path / "kto.jsonl", unpaired_rows(False))
+    runs = {name: run(make_cfg(tmp_path / name, "loss=kto", "data=hf", f"data.path={path}", "data.eval_size=8",
+                               "trainer.max_steps=3", "trainer.save_every=null", "trainer.batch_size=8",
+                               "optimizer.lr=2e-2", "optimizer.warmup_steps=0", *extra))
+            for name, extra in (("switch", ()), ("pre", ("loss.precompute_reference=true",)))}
+    steps = {name: [m for m in read_metrics(tmp_path / name) if "train/loss" in m] for name in runs}
+    for key in ("train/loss", "train/kl", "train/rewards/chosen", "train/rewards/rejected"):
+        assert [m[key] for m in steps["pre"]] == pytest.approx([m[key] for m in steps["switch"]], abs=1e-6), key
+    assert steps["switch"][-1]["train/kl"] > 0  # the KL term is live by the last step
+    for key in ("eval/loss_after", "eval/kl_after", "eval/rewards/margins_after"):
+        assert runs["pre"]["results"][key] == pytest.approx(runs["switch"]["results"][key], abs=1e-6), key
 
 
 def bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:

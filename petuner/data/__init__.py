@@ -238,7 +238,7 @@ def build_data(cfg: Any, tokenizer: Any, task: str, check_kind: Any = None) -> D
     elif kind == "preference":
         collate = preference.PairCollator(tokenizer.pad_token_id)
     elif kind == "unpaired":
-        collate = unpaired.KTOCollator(tokenizer.pad_token_id, int(setting(cfg, "max_length")))
+        collate = None  # KTO's rows, each with its KL row, and their collator: set by loss=kto (prepare_data)
     else:
         collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=sft.IGNORE)
     report.update(train_examples=len(train), eval_examples=len(held_out))

@@ -4,12 +4,15 @@ batches KTO trains on.
 A row is rendered exactly as one side of a preference pair (``petuner.data.preference.completion``: the
 chat template turn by turn, the loss on the completion's tokens only); ``prompt`` and ``completion`` are
 strings (a user turn and the assistant's reply) or lists of messages. ``label`` true marks a desirable
-completion. Preference pairs train KTO too: ``KTOCollator`` turns each pair into two unpaired rows, the
+completion. Preference pairs train KTO too: ``unpaired_rows`` turns each pair into two unpaired rows, the
 chosen side desirable and the rejected one not (TRL's ``unpair_preference_dataset``).
 
-Each batch also carries KTO's KL rows: prompt i with the completion of row i−1 (cycled within the batch,
-as TRL's ``KL_completion_ids``), whose log-ratio estimates the reference point. TRL builds them from the
-dataset's order in batches; here the collator builds them from the batch actually drawn.
+Each row also carries its KL row, fixed once over the dataset's order: prompt i with the completion of row
+i−1 (cycled over the whole dataset; TRL's ``KL_completion_ids``, which TRL cycles within blocks of one
+device batch), whose log-ratio estimates KTO's reference point. Fixed with the data rather than drawn
+with each batch, the estimate does not depend on how a step is split into micro-batches or over processes,
+and the reference's log-probabilities of both rows can be computed once before training
+(``loss.precompute_reference``).
 """
 
 from __future__ import annotations
@@ -42,21 +45,42 @@ def build_unpaired_fn(tokenizer: Any, cfg: Any, where: str) -> Any:
     return tokenize_row
 
 
-def unpair(rows: list[dict[str, Any]]) -> list[tuple[list[int], list[int], bool]]:
-    """(ids, labels, desirable) of each row; a preference pair gives its chosen side (desirable) and its
-    rejected side (not)."""
-    if REJECTED[0] not in rows[0]:
-        return [(r["input_ids"], r["labels"], bool(r["desirable"])) for r in rows]
-    return [(r["input_ids"], r["labels"], True) for r in rows] + [(r[REJECTED[0]], r[REJECTED[1]], False)
-                                                                 for r in rows]
+def unpaired_rows(pairs: Any) -> Any:
+    """Each tokenized pair as two labelled completions, its chosen side desirable and its rejected side not;
+    within each block of pairs the chosen rows come first, so a row's KL partner (the row before it) answers
+    another prompt."""
+    def split(block: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        ids, n = block["input_ids"] + block[REJECTED[0]], len(block["input_ids"])
+        return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids],
+                "labels": block["labels"] + block[REJECTED[1]], "desirable": [1] * n + [0] * n}
+
+    return pairs.map(split, batched=True, remove_columns=pairs.column_names, keep_in_memory=True)
 
 
-def mismatched(examples: list[tuple[list[int], list[int], bool]]) -> list[tuple[list[int], list[int]]]:
-    """KL rows: row i's prompt with row i−1's completion (the prompt is what precedes the first label)."""
-    starts = [next(i for i, label in enumerate(labels) if label != IGNORE) for _, labels, _ in examples]
-    return [(ids[:start] + other[other_start:], [IGNORE] * start + other_labels[other_start:])
-            for (ids, _, _), start, (other, other_labels, _), other_start
-            in zip(examples, starts, examples[-1:] + examples[:-1], starts[-1:] + starts[:-1], strict=True)]
+def mismatched(row: tuple[list[int], list[int]], other: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+    """Row's prompt (what precedes its first label) with other's completion, labelled on the completion."""
+    (ids, labels), (other_ids, other_labels) = row, other
+    start = next(i for i, label in enumerate(labels) if label != IGNORE)
+    other_start = next(i for i, label in enumerate(other_labels) if label != IGNORE)
+    return ids[:start] + other_ids[other_start:], [IGNORE] * start + other_labels[other_start:]
+
+
+def with_kl_rows(dataset: Any) -> Any:
+    """Each row's KL row (``kl_input_ids``, ``kl_labels``): its prompt with the previous row's completion,
+    the first row taking the last one's."""
+    def add(block: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        before = dataset[(indices[0] - 1) % len(dataset)]
+        sides = list(zip(block["input_ids"], block["labels"], strict=True))
+        previous = [(before["input_ids"], before["labels"]), *sides[:-1]]
+        kl = [mismatched(row, other) for row, other in zip(sides, previous, strict=True)]
+        return {"kl_input_ids": [ids for ids, _ in kl], "kl_labels": [labels for _, labels in kl]}
+
+    return dataset.map(add, batched=True, with_indices=True, keep_in_memory=True)
+
+
+def kto_rows(dataset: Any) -> Any:
+    """KTO's training rows from a tokenized split of pairs or labelled completions."""
+    return with_kl_rows(unpaired_rows(dataset) if REJECTED[0] in dataset.column_names else dataset)
 
 
 def padded(sides: list[tuple[list[int], list[int]]], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
@@ -70,19 +94,21 @@ def padded(sides: list[tuple[list[int], list[int]]], pad_token_id: int, max_leng
 
 
 class KTOCollator:
-    """A batch of labelled completions, right-padded, with its KL rows (``kl_*``) and ``desirable`` flags."""
+    """A batch of labelled completions and their KL rows (``kl_*``), each right-padded and cut at
+    ``max_length``, with ``desirable`` flags (and the precomputed reference's values, where present)."""
 
     def __init__(self, pad_token_id: int, max_length: int) -> None:
         self.pad_token_id, self.max_length = pad_token_id, max_length
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        examples = unpair(rows)
-        batch = padded([(ids, labels) for ids, labels, _ in examples], self.pad_token_id, self.max_length)
-        kl = padded(mismatched(examples), self.pad_token_id, self.max_length)
+        batch = padded([(r["input_ids"], r["labels"]) for r in rows], self.pad_token_id, self.max_length)
+        kl = padded([(r["kl_input_ids"], r["kl_labels"]) for r in rows], self.pad_token_id, self.max_length)
         batch.update({f"kl_{key}": value for key, value in kl.items()})
-        batch["desirable"] = torch.tensor([desirable for _, _, desirable in examples])
+        batch["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows])
+        if "reference_logps" in rows[0]:  # precomputed: [completion, KL row] per row
+            reference = torch.tensor([r["reference_logps"] for r in rows], dtype=torch.float32)
+            batch["reference_logps"], batch["reference_kl_logps"] = reference[:, 0], reference[:, 1]
         return batch
-
 
 
 def check_classes(labels: list[Any], where: str, both: bool = True) -> None:

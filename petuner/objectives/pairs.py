@@ -86,6 +86,10 @@ class Pairs(RegisteredObjective):
     def items(self, batch: dict[str, torch.Tensor], kind: str) -> int:
         return batch["input_ids"].shape[0] // 2
 
+    def reference_scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What ``loss.precompute_reference`` keeps of each pair: its chosen and rejected log-probabilities."""
+        return torch.stack(sequence_logps(model, batch)[0].chunk(2), dim=1)
+
     def eval_keys(self, kind: str) -> tuple[str, ...]:
         return ("loss", "items", *self.metrics)
 

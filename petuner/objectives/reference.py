@@ -7,7 +7,8 @@
   Switching the adapter off there would give the bare base (LLaMA-Factory#913).
 - Full fine-tuning (``adapter=none``): a frozen copy of the model (one model's memory).
 - ``precompute_reference``: the model as training starts (whatever the adapter) runs once over the
-  training and held-out pairs before the first step, and each pair carries its two values as a column;
+  training and held-out rows before the first step, and each row carries its values as a column (a pair's
+  chosen and rejected; a KTO row's completion and KL row);
   no reference forward at training time, and no switch or copy needed. The values are kept with the
   tokenized data in memory, not in the on-disk cache: they depend on the weights, which the cache's
   key does not cover.
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -81,30 +83,33 @@ class FrozenCopy:
         return sequence_logps(self.model, batch)[0]
 
 
+Scores = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # (model, batch) -> [rows, values]
+
+
 @torch.no_grad()
-def _reference_column(model: nn.Module, dataset: Any, collate: Any, batch_size: int, device: torch.device,
-                      compute_dtype: torch.dtype | None) -> Any:
+def _reference_column(model: nn.Module, dataset: Any, collate: Any, score: Scores, batch_size: int,
+                      device: torch.device, compute_dtype: torch.dtype | None) -> Any:
     values: list[list[float]] = []
     for start in range(0, len(dataset), batch_size):
         batch = to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
         with autocast(device, compute_dtype):
-            sums, _ = sequence_logps(model, batch)
-        half = sums.shape[0] // 2
-        values += torch.stack([sums[:half], sums[half:]], dim=1).float().tolist()
+            values += score(model, batch).float().tolist()
     return dataset.add_column("reference_logps", values)
 
 
-def precompute_reference(model: nn.Module, data: Any, batch_size: int, device: torch.device,
+def precompute_reference(model: nn.Module, data: Any, score: Scores, batch_size: int, device: torch.device,
                          compute_dtype: torch.dtype | None) -> None:
-    """Each pair's reference log-probabilities (chosen, rejected) as a column of every split, from ``model`` as it
-    is now (before training: the reference), in evaluation mode."""
+    """Each row's reference log-probabilities (``score``: a pair's chosen and rejected, a KTO row's completion
+    and KL row) as a column of every split, from ``model`` as it is now (before training: the reference), in
+    evaluation mode."""
     from datasets import concatenate_datasets
 
     was_training = model.training
     model.eval()
-    data.train = _reference_column(model, data.train, data.collate, batch_size, device, compute_dtype)
-    data.evals = {name: _reference_column(model, held_out, data.collate, batch_size, device, compute_dtype)
-                  for name, held_out in data.evals.items()}
+    column = functools.partial(_reference_column, model, collate=data.collate, score=score, batch_size=batch_size,
+                               device=device, compute_dtype=compute_dtype)
+    data.train = column(data.train)
+    data.evals = {name: column(held_out) for name, held_out in data.evals.items()}
     held_out = list(data.evals.values())
     data.eval = concatenate_datasets(held_out) if len(held_out) > 1 else held_out[0]
     model.train(was_training)

@@ -27,8 +27,8 @@ def labelled_items(batch: dict[str, torch.Tensor], kind: str) -> int:
 class Objective:
     """The model's own loss. Subclasses override ``items``, ``loss``, ``eval_sums`` and ``eval_metrics``."""
 
-    def collate(self, data: Any, tokenizer: Any, max_length: int) -> None:
-        """Set ``data.collate`` where this objective batches the data its own way (KTO on preference pairs)."""
+    def prepare_data(self, data: Any, tokenizer: Any, max_length: int) -> None:
+        """Reshape ``data``'s splits and set its collator where this objective trains on rows of its own (KTO)."""
 
     def items(self, batch: dict[str, torch.Tensor], kind: str) -> int:
         """What the batch's mean loss averages over (host side): the loop weighs micro-batches by it."""
