@@ -172,6 +172,8 @@ def _bad(tmp: Path, trained_run: Path) -> dict[str, tuple[list[str], str]]:
     rows[2]["rejected"] = None
     null_rejected = pairs_file(tmp, rows=rows, name="nulls")
     long = pairs_file(tmp, rows=[{"prompt": "word " * 300, "chosen": "a", "rejected": "b"}] * 12, name="long")
+    margins = pairs_file(tmp, rows=[{**FORMS["plain"](*q), "margin": "big" if i == 4 else 1.0}
+                                    for i, q in enumerate(QUESTIONS)], name="margins")
     pairs = ["data=hf", f"data.path={good}"]
     return {
         "missing rejected": (["data=hf", f"data.path={no_rejected}", "data.kind=preference"],
@@ -195,6 +197,8 @@ def _bad(tmp: Path, trained_run: Path) -> dict[str, tuple[list[str], str]]:
                                  r"loss.label_smoothing=0.1 applies to loss.loss_type=sigmoid or robust, not hinge"),
         "reward on a causal LM": (["data=hf", f"data.path={good}", "loss=reward"],
                                   r"loss=reward trains a sequence classifier with one output .* model.task=causal_lm"),
+        "margin not a number": (["data=hf", f"data.path={margins}", "model=tiny_bert", "loss=reward"],
+                                r"margins.jsonl row 5: margin='\"big\"'; a pair's margin is a number$"),
         "metric not measured": ([*pairs, "objective=eval/perplexity"],
                                 r"objective=eval/perplexity is not measured for model.task=causal_lm; "
                                 r"allowed: eval/loss, eval/rewards/accuracies, eval/rewards/margins$"),
@@ -203,7 +207,8 @@ def _bad(tmp: Path, trained_run: Path) -> dict[str, tuple[list[str], str]]:
 
 BAD = ["missing rejected", "null rejected", "prompt too long", "too long, truncation=error", "beta <= 0",
        "a classifier", "init_from no run", "init_from another base", "no switch (lq_lora)", "no switch (bias)",
-       "packing", "pairs with loss=sft", "smoothing with hinge", "reward on a causal LM", "metric not measured"]
+       "packing", "pairs with loss=sft", "smoothing with hinge", "reward on a causal LM", "margin not a number",
+       "metric not measured"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -217,6 +222,26 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, trained_run, tmp_pat
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert re.search(message, err[len("error: "):]), err
     assert not list(private_cache.rglob("*.arrow"))  # nothing written
+
+
+def test_a_margin_column_reaches_the_reward_model_and_is_named_where_unused(tokenizer, tmp_path, caplog) -> None:
+    """A per-pair margin column (TRL's RewardTrainer's; here mapped from another name by data.columns) is in
+    each batch of pairs; a loss that does not use it says so (seen silent before)."""
+    from petuner.objectives import build_objective
+
+    rows = [{**FORMS["plain"](*q), "gap": float(i)} for i, q in enumerate(QUESTIONS)]
+    data = build_data(data_cfg(pairs_file(tmp_path, rows=rows, name="gaps"), columns={"margin": "gap"}),
+                      tokenizer, "seq_cls")
+    batch = data.collate([data.train[i] for i in range(3)])
+    chosen = [tokenizer.decode([t for t in data.train[i]["labels"] if t != IGNORE]) for i in range(3)]
+    expected = [next(float(j) for j, q in enumerate(QUESTIONS) if reply.startswith(q[1] + "<")
+                     and QUESTIONS[j][0] in tokenizer.decode(data.train[i]["input_ids"]))
+                for i, reply in enumerate(chosen)]
+    assert batch["margin"].tolist() == expected
+    build_objective({"name": "reward"}).prepare_data(data, tokenizer, 64)
+    assert "margin" not in caplog.text
+    build_objective({"name": "dpo"}).prepare_data(data, tokenizer, 64)
+    assert "the data's margin column is a reward model's (loss=reward); loss=dpo does not use it" in caplog.text
 
 
 def test_precomputed_reference_trains_exactly_as_the_switch(tmp_path) -> None:

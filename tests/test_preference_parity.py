@@ -195,10 +195,12 @@ def test_simpo_and_orpo_match_trl() -> None:
     torch.testing.assert_close(ours_rejected, rejected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("margin, center", [(0.0, None), (0.3, 0.01)])
-def test_reward_model_matches_trl_rewardtrainer(margin: float, center: float | None) -> None:
+@pytest.mark.parametrize("margin, center, column", [(0.0, None, False), (0.3, 0.01, False), (0.3, None, True)])
+def test_reward_model_matches_trl_rewardtrainer(margin: float, center: float | None, column: bool) -> None:
     """A scalar-headed Llama classifier with LoRA and its head trained: petuner's loss and its gradients
-    against RewardTrainer.compute_loss on the same model and batch (seen to fail with the margin added)."""
+    against RewardTrainer.compute_loss on the same model and batch (seen to fail with the margin added, and
+    with the pairs' margin column ignored); TRL takes the margin from its column only: there the constant plus
+    the column."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
     from trl import RewardTrainer
 
@@ -209,6 +211,8 @@ def test_reward_model_matches_trl_rewardtrainer(margin: float, center: float | N
     inject(model, build_adapter(lora_cfg()), ["score"])
     randomised(model, seed=4)
     batch = pair_batch(seed=5)
+    if column:  # per pair, as the data's margin column gives it
+        batch["margin"] = torch.linspace(-0.5, 1.0, B)
     objective = build_objective({"name": "reward", "margin": margin, "center_rewards_coefficient": center})
     figures = []
     for compute in ("ours", "trl"):
@@ -220,8 +224,8 @@ def test_reward_model_matches_trl_rewardtrainer(margin: float, center: float | N
                                    accelerator=SimpleNamespace(gather=lambda t: t, gather_for_metrics=lambda t: t),
                                    _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            if margin:
-                inputs["margin"] = torch.full((B,), margin)
+            if margin or column:
+                inputs["margin"] = margin + batch.get("margin", torch.zeros(B))
             loss = RewardTrainer.compute_loss(fake, model, inputs)
             sums = {"rewards/accuracies": torch.tensor(fake._metrics["train"]["accuracy"][-1] * B),
                     "rewards/margins": torch.tensor(fake._metrics["train"]["margin"][-1] * B)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 
@@ -19,7 +20,8 @@ CONVERSATION_KINDS = ("chat", "sft")
 # KTO's labelled completions before classification (both have a label).
 PLAIN = {"preference": ("chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
          "classification": ("text", "label"), "text": ("text",)}
-PLAIN_OPTIONAL = {"preference": ("prompt",)}
+PLAIN_OPTIONAL = {"preference": ("prompt", "margin")}  # margin: a reward model's per-pair margin (TRL's column)
+NULLABLE = {"preference": ("prompt",)}  # optional columns that may be null in some rows (an implicit prompt)
 NAMES = sorted({c for cols in (*FORMS.values(), *OPTIONAL.values(), *PLAIN.values(), *PLAIN_OPTIONAL.values())
                 for c in cols})
 
@@ -74,6 +76,26 @@ def check_nulls(dataset: Dataset, required: tuple[str, ...], where: str) -> None
             raise PetunerError(f"{where} row {nulls[0] + 1}: no value in column {column!r}")
 
 
+def check_numbers(dataset: Dataset, column: str, where: str) -> None:
+    """Every value of ``column`` a number (a numeric column; in a text column, as a loader makes of a column
+    mixing numbers and words, every value must read as one)."""
+    if column not in dataset.column_names:
+        return
+    values = dataset.data.column(column)
+    if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+        return
+    bad = next(((i, v) for i, v in enumerate(values.to_pylist()) if not _reads_as_number(v)), None)
+    if bad is not None:
+        raise PetunerError(f"{where} row {bad[0] + 1}: {column}={bad[1]!r}; a pair's {column} is a number")
+
+
+def _reads_as_number(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and float(value) == float(value)  # NaN is not
+    except (TypeError, ValueError):
+        return False
+
+
 def in_rows(dataset: Dataset, per_row: np.ndarray) -> np.ndarray:
     """Values per row of the underlying table, in the dataset's own rows (after a select or interleave):
     reading a column through the dataset's indices row by row takes seconds per 100k rows."""
@@ -96,7 +118,8 @@ def prepare(dataset: Dataset, kind: str, where: str, columns: Any) -> tuple[Data
     dataset = rename(dataset, columns, where)
     kind, form = kind_and_form(dataset.column_names, kind, where)
     keep = [c for c in needed(kind, form) if c in dataset.column_names]
-    optional = (*OPTIONAL.get(form or "", ()), *PLAIN_OPTIONAL.get(kind, ()))
-    check_nulls(dataset, tuple(c for c in keep if c not in optional), where)
+    nullable = (*OPTIONAL.get(form or "", ()), *NULLABLE.get(kind, ()))
+    check_nulls(dataset, tuple(c for c in keep if c not in nullable), where)
+    check_numbers(dataset, "margin", where)
     dataset = dataset.select_columns(keep)
     return dataset.add_column("__row__", np.arange(len(dataset))), kind, form

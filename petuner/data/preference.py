@@ -15,7 +15,8 @@ rejected one in ``rejected_input_ids``/``rejected_labels``. A side over ``data.m
 (``truncation=cut``), drops the pair (``drop_turns``: the pair has no turn to spare) or fails (``error``);
 a pair whose prompt leaves no completion token is refused, naming its row (TRL drops it silently). Pairs
 whose chosen and rejected replies are identical carry no preference: they are dropped, counted, and a
-warning says how many.
+warning says how many. An optional numeric ``margin`` column (TRL's RewardTrainer's) is carried into the
+batch for ``loss=reward``.
 """
 
 from __future__ import annotations
@@ -103,8 +104,11 @@ def build_pair_fn(tokenizer: Any, cfg: Any, where: str) -> Any:
         r_ids, r_labels, r_cut = completion(prompt, rejected, tokenizer, cfg, fault)
         if (cut or r_cut) and cfg.truncation == "drop_turns":
             labels, r_labels = [IGNORE] * len(ids), [IGNORE] * len(r_ids)  # nothing to learn: dropped
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "rejected_input_ids": r_ids,
-                "rejected_labels": r_labels, "truncated": int(cut or r_cut), "tie": int(chosen == rejected)}
+        out = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "rejected_input_ids": r_ids,
+               "rejected_labels": r_labels, "truncated": int(cut or r_cut), "tie": int(chosen == rejected)}
+        if "margin" in row:
+            out["margin"] = float(row["margin"])  # a number: checked over the column (columns.check_numbers)
+        return out
 
     return tokenize_row
 
@@ -124,6 +128,8 @@ class PairCollator:
             "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in sides]),
             "labels": torch.tensor([[*labels, *[IGNORE] * (width - len(labels))] for _, labels in sides]),
         }
+        if "margin" in rows[0]:
+            batch["margin"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)
         if "reference_logps" in rows[0]:  # precomputed: [chosen, rejected] per row
             ref = torch.tensor([r["reference_logps"] for r in rows], dtype=torch.float32)
             batch["reference_logps"] = torch.cat([ref[:, 0], ref[:, 1]])

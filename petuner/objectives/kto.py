@@ -79,6 +79,7 @@ class KTO(Pairs):
         """Every split as KTO's rows (pairs unpaired, each row with its KL row), and their collator."""
         from petuner.data.unpaired import KTOCollator, kto_rows
 
+        super().prepare_data(data, tokenizer, max_length)
         rows = {id(split): kto_rows(split) for split in (data.train, *data.trains.values(), *data.evals.values())}
         data.train = rows[id(data.train)]
         data.trains = {name: rows[id(split)] for name, split in data.trains.items()}

@@ -11,6 +11,7 @@ names: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, lo
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from petuner.train.labelled_logits import token_logps
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected")
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +84,13 @@ class Pairs(RegisteredObjective):
         if data.packing:
             raise ConfigError(f"data.packing=true packs single sequences; loss={self.name} trains on pairs "
                               "(set data.packing=false)")
+
+    uses_margin: ClassVar[bool] = False  # reads the data's per-pair margin column (the reward model does)
+
+    def prepare_data(self, data: Any, tokenizer: Any, max_length: int) -> None:
+        if "margin" in data.train.column_names and not self.uses_margin:
+            log.warning("the data's margin column is a reward model's (loss=reward); loss=%s does not use it",
+                        self.name)
 
     def items(self, batch: dict[str, torch.Tensor], kind: str) -> int:
         return batch["input_ids"].shape[0] // 2

@@ -5,7 +5,8 @@ loss asks the chosen score to beat the rejected one:
 
     −log σ(r(x, y_w) − r(x, y_l) − margin)  [+ c · mean((r_w + r_l)²), TRL's center_rewards_coefficient]
 
-TRL: RewardTrainer (``margin`` there is a per-row column; here a constant). The model is ``model.task=
+TRL: RewardTrainer. The margin is ``loss.margin`` plus the pair's ``margin`` column where the data has one
+(TRL's per-row column). The model is ``model.task=
 seq_cls`` on preference pairs; it exports as a sequence-classification model, and ``petuner eval`` scores
 held-out pairs with it (rewards/accuracies: how often the chosen reply scores higher).
 """
@@ -30,7 +31,7 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 @dataclass
 class RewardSchema(ObjectiveSchema):
     name: str = "reward"
-    margin: float = number(0.0, strict=False)  # the score margin the chosen reply must beat the rejected one by
+    margin: float = number(0.0, strict=False)  # chosen must beat rejected by this (plus the data's margin column)
     center_rewards_coefficient: float | None = number(None, strict=False, optional=True)  # pulls scores towards 0
 
 
@@ -41,11 +42,13 @@ class RewardModel(Pairs):
     metrics: ClassVar[tuple[str, ...]] = METRICS
     task: ClassVar[str] = "seq_cls"
     task_note: ClassVar[str] = "a sequence classifier with one output (a scalar score)"
+    uses_margin: ClassVar[bool] = True
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
         chosen, rejected = scores.float().chunk(2)
-        loss = -F.logsigmoid(chosen - rejected - float(self.cfg.margin)).mean()
+        margin = float(self.cfg.margin) + batch.get("margin", torch.zeros((), device=chosen.device))
+        loss = -F.logsigmoid(chosen - rejected - margin).mean()
         if self.cfg.center_rewards_coefficient:
             loss = loss + float(self.cfg.center_rewards_coefficient) * ((chosen + rejected) ** 2).mean()
         chosen, rejected = chosen.detach(), rejected.detach()
