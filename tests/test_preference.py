@@ -146,6 +146,22 @@ def assert_eval_reproduces(run_dir: Path, info: dict) -> None:
         assert report[f"eval/{key}"] == pytest.approx(info["results"][f"eval/{key}_after"], abs=1e-5), key
 
 
+@pytest.mark.parametrize("switch", ["trainer.gradient_checkpointing=true", "trainer.precision=bf16"])
+def test_dpo_under_the_loops_switches(switch, tmp_path) -> None:
+    """Gradient checkpointing recomputes the same floats: the same losses and rewards as without. Under bf16
+    autocast the reference runs in the policy's precision, so step 0 is still exactly log 2 with zero rewards
+    (the losses then differ from fp32 by bf16's rounding)."""
+    path = pairs_file(tmp_path)
+    run(dpo_cfg(tmp_path / "plain", path))
+    run(dpo_cfg(tmp_path / "switched", path, switch))
+    steps = {name: [m for m in read_metrics(tmp_path / name) if "train/loss" in m] for name in ("plain", "switched")}
+    assert steps["switched"][0]["train/loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert steps["switched"][0]["train/rewards/margins"] == 0.0
+    if "checkpointing" in switch:
+        for key in ("train/loss", "train/rewards/margins", "train/logps/chosen"):
+            assert [m[key] for m in steps["switched"]] == pytest.approx([m[key] for m in steps["plain"]], abs=1e-6)
+
+
 def test_sft_then_dpo_reference_is_the_sft_adapter(trained_run, tmp_path) -> None:
     """init_from an SFT run: the policy starts from its adapter and the reference is that adapter frozen, so
     step 0 has zero rewards; with the bare base as the reference (planted) they are not zero."""
