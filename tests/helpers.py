@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -12,6 +14,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from petuner.config import compose_config
 from petuner.data.preference import PairCollator
 from petuner.data.sft import IGNORE
+from petuner.train.logging import read_metrics
+
+# The 48 pairs of tests/data/pairs.jsonl (8 held out), and DPO on them: the distributed and compiled checks' runs
+PAIRS = ("data=hf", f"data.path={Path(__file__).parent / 'data' / 'pairs.jsonl'}", "data.eval_size=8")
+DPO = ("loss=dpo", *PAIRS)
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins")
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -61,6 +69,21 @@ def pair_batch(seed: int = 0) -> dict[str, torch.Tensor]:
         (ids, labels), (r_ids, r_labels) = side(prompt, 6), side(prompt, 7)
         rows.append({"input_ids": ids, "labels": labels, "rejected_input_ids": r_ids, "rejected_labels": r_labels})
     return PairCollator(pad_token_id=2)(rows)
+
+
+def dpo_runs_match(expected: Path, actual: Path, loss_rel: float, rewards_abs: float, accuracies: bool = True) -> None:
+    """Two DPO runs log the same losses (relative) and rewards (absolute: a reward is beta times a difference of
+    two log-probabilities, so it carries their rounding, not its own) at every step and evaluation, and with
+    ``accuracies`` the same share of positive margins (not where kernels differ: at step 0 every margin is 0, and
+    rounding flips it); the rewards move off zero (the reference is not the policy)."""
+    logged = [read_metrics(d) for d in (expected, actual)]
+    names = ("loss", *REWARDS, *(["rewards/accuracies"] if accuracies else []))
+    for key in (f"{split}/{name}" for split in ("train", "eval") for name in names):
+        want, got = ([m[key] for m in ms if key in m] for ms in logged)
+        assert want and len(got) == len(want), key
+        tolerance = {"rel": loss_rel} if key.endswith("loss") else {"abs": rewards_abs, "rel": 0}
+        assert got == pytest.approx(want, **tolerance), key
+    assert any(m.get("train/rewards/margins") for m in logged[1]), "every reward zero: no reference"
 
 
 def train(model, optimizer, data) -> list[float]:

@@ -23,6 +23,7 @@ from petuner.run import run
 from petuner.train.checkpoint import checkpoints
 from petuner.train.logging import read_metrics
 from tests.conftest import make_cfg
+from tests.helpers import DPO, PAIRS, dpo_runs_match
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -38,12 +39,10 @@ CASES = {  # the same global batches in one and in two processes
     # differences when singular values nearly tie (one process, batch 4 against 2 × 2 accumulated, already
     # differs by 4e-5 at rank 16); the DCT basis does not, so the comparison tests the averaging, not the SVD.
     # DPO: a concatenated forward of chosen and rejected, the reference by the adapter switch on the unwrapped model
-    "dpo": ("adapter.dropout=0", "loss=dpo", "data=hf", f"data.path={Path(__file__).parent / 'data' / 'pairs.jsonl'}",
-            "data.eval_size=8"),
+    "dpo": ("adapter.dropout=0", *DPO),
     # KTO: the KL estimate summed over ranks (without it the step-3 loss is 2e-4 off); a high lr makes it live
     # (> 0) by step 3. Held out the estimate is each batch's own (TRL's too): eval batches equal in both.
-    "kto": ("adapter.dropout=0", "loss=kto", "data=hf", f"data.path={Path(__file__).parent / 'data' / 'pairs.jsonl'}",
-            "data.eval_size=8", "trainer.eval_batch_size=4", "optimizer.lr=3e-2"),
+    "kto": ("adapter.dropout=0", "loss=kto", *PAIRS, "trainer.eval_batch_size=4", "optimizer.lr=3e-2"),
     "galore": ("adapter=none", "optimizer=galore", "optimizer.rank=8", "optimizer.update_proj_gap=3",
                "optimizer.lr=1e-3", "optimizer.projector=dct"),
 }
@@ -53,6 +52,8 @@ ADAPTER_ATOL = {"kto": 1e-4}
 # FSDP, against one process with the same constant schedule; "fsdp_resumed" stops after its step-2 checkpoint
 # and resumes to step 4 (a constant schedule does not depend on max_steps).
 FSDP = ("adapter.dropout=0", "trainer.strategy=fsdp", "optimizer.schedule=constant")
+# DPO under FSDP: the reference by switching the sharded model's adapter off, or scored once before sharding.
+FSDP_DPO = {"fsdp_dpo": DPO, "fsdp_dpo_precomputed": (*DPO, "loss.precompute_reference=true")}
 # Dropout on: each rank's RNG stream must come back on resume.
 KILLED = ("trainer.max_steps=8", "trainer.save_every=2", "trainer.batch_size=4", "adapter.dropout=0.1")
 
@@ -87,7 +88,7 @@ def adapters_equal(a: Path, b: Path, atol: float) -> None:
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every case, plus the uninterrupted run of the kill test, in one torchrun launch."""
     root = tmp_path_factory.mktemp("torchrun")
-    done = subprocess.run(torchrun(root, *CASES, "straight", "fsdp", "fsdp_resumed"), env=env(), cwd=root,
+    done = subprocess.run(torchrun(root, *CASES, "straight", "fsdp", "fsdp_resumed", *FSDP_DPO), env=env(), cwd=root,
                           capture_output=True, text=True)
     (root / "stderr.txt").write_text(done.stderr)  # each test checks its own runs finished (finished())
     return root
@@ -110,6 +111,8 @@ def test_two_processes_match_one(two_processes: Path, tmp_path: Path, case: str)
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and len(losses[0]) == 4
     evals = [[m["eval/loss"] for m in ms if "eval/loss" in m] for ms in metrics]
     assert evals[1] == pytest.approx(evals[0], rel=1e-5) and len(evals[0]) == 2
+    if case == "dpo":
+        dpo_runs_match(one, two, loss_rel=1e-5, rewards_abs=1e-6)
     assert info["processes"] == 1
 
 
@@ -123,10 +126,21 @@ def test_fsdp_matches_one_process_and_resumes(two_processes: Path, tmp_path: Pat
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == losses[1]
 
 
+@pytest.mark.parametrize("case", sorted(FSDP_DPO))
+def test_fsdp_dpo_matches_one_process(two_processes: Path, tmp_path: Path, case: str) -> None:
+    """Losses, rewards and the final adapter of one process, within float-sum reordering: logps of ~65 in fp32
+    round at ~4e-6, so rewards (0.1 x a logp difference) at ~1e-6."""
+    finished(two_processes, case)
+    run(make_cfg(tmp_path / "one", *COMMON, "adapter.dropout=0", "optimizer.schedule=constant", *FSDP_DPO[case]))
+    adapters_equal(tmp_path / "one", two_processes / case, atol=1e-6)
+    dpo_runs_match(tmp_path / "one", two_processes / case, loss_rel=1e-5, rewards_abs=1e-6)
+
+
 def test_one_set_of_outputs(two_processes: Path) -> None:
     """One run folder per run, one metrics line per step, one wandb run (the lora case logs to wandb)."""
-    finished(two_processes, *CASES, "straight", "fsdp", "fsdp_resumed")
-    assert {p.name for p in two_processes.iterdir() if p.is_dir()} == {*CASES, "fsdp", "fsdp_resumed", "straight"}
+    finished(two_processes, *CASES, "straight", "fsdp", "fsdp_resumed", *FSDP_DPO)
+    assert {p.name for p in two_processes.iterdir() if p.is_dir()} == {*CASES, *FSDP_DPO, "fsdp", "fsdp_resumed",
+                                                                       "straight"}
     run_dir = two_processes / "lora"
     steps = [m["step"] for m in read_metrics(run_dir) if "train/loss" in m]
     assert steps == [1, 2, 3, 4]

@@ -11,6 +11,7 @@ from petuner.run import run
 from petuner.train.blocks import decoder_layers
 from petuner.train.compile import compile_model
 from petuner.train.logging import read_metrics
+from tests.helpers import DPO, dpo_runs_match
 
 
 def losses(run_dir) -> list[float]:
@@ -27,6 +28,17 @@ def test_compiled_training_matches_eager(cfg_factory, tmp_path, checkpointing: b
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert len(eager) == 3
     assert compiled == pytest.approx(eager, abs=1e-5, rel=0)
+
+
+@pytest.mark.slow
+def test_compiled_dpo_matches_eager(cfg_factory, tmp_path) -> None:
+    """DPO through compiled layers, its reference the same compiled layers with the adapter switched off (a
+    recompile on the switch's flag, and on no_grad): eager's losses and rewards, evaluations included."""
+    common = ("trainer.max_steps=3", "adapter.dropout=0", *DPO)
+    run(cfg_factory(*common, run_dir=tmp_path / "eager"))
+    run(cfg_factory(*common, "trainer.compile=true", run_dir=tmp_path / "compiled"))
+    dpo_runs_match(tmp_path / "eager", tmp_path / "compiled", loss_rel=1e-5, rewards_abs=1e-5,
+                   accuracies=False)
 
 
 def test_compile_compiles_each_decoder_layer_into_one_graph(cfg_factory) -> None:

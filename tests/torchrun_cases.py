@@ -10,7 +10,7 @@ from pathlib import Path
 
 from petuner.run import run
 from tests.conftest import make_cfg
-from tests.test_distributed import CASES, COMMON, FSDP, KILLED
+from tests.test_distributed import CASES, COMMON, FSDP, FSDP_DPO, KILLED
 
 
 def overrides(case: str) -> tuple[str, ...]:
@@ -18,6 +18,8 @@ def overrides(case: str) -> tuple[str, ...]:
         return KILLED
     if case == "fsdp":
         return (*COMMON, *FSDP)
+    if case in FSDP_DPO:
+        return (*COMMON, *FSDP, *FSDP_DPO[case])
     if case == "lora":  # also shows that two processes make one wandb run
         os.environ["WANDB_MODE"] = "offline"
         return (*COMMON, *CASES[case], "logger=wandb", "logger.wandb.mode=offline")

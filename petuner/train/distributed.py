@@ -135,7 +135,7 @@ def check_launch(cfg: Any) -> None:
     if strategy not in STRATEGIES:
         raise ConfigError(f"trainer.strategy={strategy!r}: allowed: {', '.join(STRATEGIES)}")
     if strategy == "fsdp":
-        fsdp.check(cfg.adapter.name, optimizer_cfg.name)
+        fsdp.check(cfg)
     if strategy == "fsdp" and not active():
         raise ConfigError("trainer.strategy=fsdp shards the model over processes, but this run has no process "
                           "group: launch it with torchrun --nproc_per_node=N (N >= 2), or use strategy=ddp")

@@ -27,20 +27,33 @@ from torch.distributed.tensor import DTensor
 from petuner.errors import ConfigError
 from petuner.train.blocks import decoder_layers
 
-# Verified under FSDP on CPU (gloo): tests/test_distributed.py. Others are refused rather than guessed at:
+# Verified under FSDP on CPU (gloo), SFT and DPO: tests/test_distributed.py. Others are refused rather than guessed at:
 # quantized bases store packed integer weights FSDP cannot shard (QLoRA over FSDP needs bitsandbytes'
 # quant_storage: a stretch goal), and the rest are untested.
 ADAPTERS = ("lora", "none")
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def check(adapter: str, optimizer: str) -> None:
+def check(cfg: Any) -> None:
+    """Refuse, from the run config, what FSDP does not shard (or was not verified sharded)."""
+    adapter, optimizer = cfg.adapter.name, cfg.optimizer.name
     if adapter not in ADAPTERS:
         raise ConfigError(f"trainer.strategy=fsdp cannot shard adapter={adapter}: allowed with fsdp: "
                           f"{', '.join(ADAPTERS)} (or use trainer.strategy=ddp)")
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"trainer.strategy=fsdp with optimizer={optimizer}: allowed with fsdp: "
                           f"{', '.join(OPTIMIZERS)} (GaLore and 8-bit states need whole, unsharded matrices)")
+    if cfg.get("init_from") and needs_reference_model(cfg.loss):
+        raise ConfigError(f"trainer.strategy=fsdp with init_from and loss={cfg.loss.name}: the reference swaps "
+                          "init_from's adapter into the tensors it held before sharding, not into the shards; set "
+                          "loss.precompute_reference=true (scored once, before sharding) or use trainer.strategy=ddp")
+
+
+def needs_reference_model(loss_cfg: Any) -> bool:
+    """Whether ``loss_cfg`` runs a reference model at each step (not precomputed)."""
+    from petuner.objectives import get_objective_class
+
+    return get_objective_class(loss_cfg.name).needs_reference and not loss_cfg.get("precompute_reference")
 
 
 def shard(model: nn.Module, compute_dtype: torch.dtype | None) -> nn.Module:
