@@ -133,10 +133,7 @@ def run_reference(loaded: Any, device: Any) -> Any:
 
     model, cfg = loaded.model.to(device), loaded.cfg
     if cfg.get("init_from"):
-        start = load_run(str(cfg.init_from)).model.to(device)
-        reference = StartingAdapter(model)
-        reference.start = [p.detach() for p in start.parameters() if p.requires_grad]
-        return reference
+        return StartingAdapter(model, start=load_run(str(cfg.init_from)).model.to(device))
     if loaded.method.name == "none":
         return FrozenCopy(build_base_with_adapter(cfg, loaded.info)[0].to(device))
     return build_reference(model, loaded.method, continued=False, heads=loaded.info.get("head_modules") or [])

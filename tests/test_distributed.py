@@ -52,8 +52,14 @@ ADAPTER_ATOL = {"kto": 1e-4}
 # FSDP, against one process with the same constant schedule; "fsdp_resumed" stops after its step-2 checkpoint
 # and resumes to step 4 (a constant schedule does not depend on max_steps).
 FSDP = ("adapter.dropout=0", "trainer.strategy=fsdp", "optimizer.schedule=constant")
-# DPO under FSDP: the reference by switching the sharded model's adapter off, or scored once before sharding.
-FSDP_DPO = {"fsdp_dpo": DPO, "fsdp_dpo_precomputed": (*DPO, "loss.precompute_reference=true")}
+# DPO under FSDP: the reference by switching the sharded model's adapter off, scored once before sharding, or
+# the starting adapter swapped into the shards (continued from the "fsdp" case's SFT run, trained first).
+FSDP_DPO = {"fsdp_dpo": DPO, "fsdp_dpo_precomputed": (*DPO, "loss.precompute_reference=true"),
+            "fsdp_dpo_continued": (*DPO, "init_from={root}/fsdp")}
+
+
+def fsdp_dpo(case: str, root: Path) -> tuple[str, ...]:
+    return tuple(o.format(root=root) for o in FSDP_DPO[case])
 # Dropout on: each rank's RNG stream must come back on resume.
 KILLED = ("trainer.max_steps=8", "trainer.save_every=2", "trainer.batch_size=4", "adapter.dropout=0.1")
 
@@ -131,7 +137,8 @@ def test_fsdp_dpo_matches_one_process(two_processes: Path, tmp_path: Path, case:
     """Losses, rewards and the final adapter of one process, within float-sum reordering: logps of ~65 in fp32
     round at ~4e-6, so rewards (0.1 x a logp difference) at ~1e-6."""
     finished(two_processes, case)
-    run(make_cfg(tmp_path / "one", *COMMON, "adapter.dropout=0", "optimizer.schedule=constant", *FSDP_DPO[case]))
+    run(make_cfg(tmp_path / "one", *COMMON, "adapter.dropout=0", "optimizer.schedule=constant",
+                 *fsdp_dpo(case, two_processes)))
     adapters_equal(tmp_path / "one", two_processes / case, atol=1e-6)
     dpo_runs_match(tmp_path / "one", two_processes / case, loss_rel=1e-5, rewards_abs=1e-6)
 

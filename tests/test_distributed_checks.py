@@ -9,7 +9,6 @@ import torch.distributed as dist
 from petuner.errors import ConfigError
 from petuner.run import run
 from petuner.train import distributed
-from tests.helpers import DPO
 
 
 def test_fsdp_without_a_process_group_is_one_line(cfg_factory, tmp_path) -> None:
@@ -52,13 +51,3 @@ def test_alone_every_collective_is_the_identity() -> None:
 def test_what_fsdp_cannot_shard_is_one_line(cfg_factory, overrides, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         run(cfg_factory("trainer.strategy=fsdp", *overrides))
-
-
-def test_fsdp_refuses_init_froms_adapter_as_the_reference(cfg_factory, trained_run) -> None:
-    """DPO continued from a run swaps that run's adapter in as the reference, into tensors FSDP replaces by shards
-    (the reference would be the policy: measured, rewards all 0); a reference scored before sharding is allowed."""
-    continued = ("trainer.strategy=fsdp", *DPO, f"init_from={trained_run}")
-    with pytest.raises(ConfigError, match=r"fsdp with init_from and loss=dpo: .* set loss.precompute_reference=true"):
-        run(cfg_factory(*continued))
-    with pytest.raises(ConfigError, match=r"trainer.strategy=fsdp .* no process group"):
-        run(cfg_factory(*continued, "loss.precompute_reference=true"))

@@ -10,16 +10,16 @@ from pathlib import Path
 
 from petuner.run import run
 from tests.conftest import make_cfg
-from tests.test_distributed import CASES, COMMON, FSDP, FSDP_DPO, KILLED
+from tests.test_distributed import CASES, COMMON, FSDP, FSDP_DPO, KILLED, fsdp_dpo
 
 
-def overrides(case: str) -> tuple[str, ...]:
+def overrides(case: str, root: Path) -> tuple[str, ...]:
     if case in ("straight", "killed"):
         return KILLED
     if case == "fsdp":
         return (*COMMON, *FSDP)
     if case in FSDP_DPO:
-        return (*COMMON, *FSDP, *FSDP_DPO[case])
+        return (*COMMON, *FSDP, *fsdp_dpo(case, root))
     if case == "lora":  # also shows that two processes make one wandb run
         os.environ["WANDB_MODE"] = "offline"
         return (*COMMON, *CASES[case], "logger=wandb", "logger.wandb.mode=offline")
@@ -35,4 +35,4 @@ if __name__ == "__main__":
             run(make_cfg(root / name, *COMMON, *FSDP, "trainer.max_steps=2"))
             run(make_cfg(root / name, *COMMON, *FSDP, "trainer.resume=true"))
             continue
-        run(make_cfg(root / name, *overrides(name), *resume))
+        run(make_cfg(root / name, *overrides(name, root), *resume))

@@ -29,6 +29,7 @@ from petuner.adapters import adapter_layers
 from petuner.adapters.capabilities import SwitchesOff
 from petuner.errors import ConfigError
 from petuner.objectives.pairs import sequence_logps
+from petuner.train import fsdp
 from petuner.train.device import autocast
 from petuner.train.loop import to_device
 from petuner.train.precision import full_finetuning
@@ -48,25 +49,36 @@ class SwitchedOff:
 class StartingAdapter:
     """The policy model with its trainable tensors at their values when training started."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, start: nn.Module | None = None) -> None:
+        """``start``: a model of the same structure holding the starting values (default: ``model`` as it is)."""
         self.model = model
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.start = [p.detach().clone() for p in self.parameters]
+        self.start = {name: p.detach().clone() for name, p in (start or model).named_parameters() if p.requires_grad}
+
+    def trainable(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's part of the trainable parameters as they are now, and of their starting values: FSDP
+        replaces the parameters by shards after this reference is built (each rank then keeps its part of the
+        start)."""
+        params = dict(self.model.named_parameters())
+        for name, start in self.start.items():
+            self.start[name] = fsdp.laid_out_as(start, params[name])
+        return ([fsdp.local(params[name].detach()) for name in self.start],
+                [fsdp.local(start) for start in self.start.values()])
 
     @contextlib.contextmanager
     def started(self) -> Iterator[None]:
         """The starting values in place, and no dropout in the frozen adapter (TRL's disable_dropout)."""
-        trained = [p.detach().clone() for p in self.parameters]
+        params, start = self.trainable()
+        trained = [p.clone() for p in params]
         was_training = self.model.training
         with torch.no_grad():
-            torch._foreach_copy_(self.parameters, self.start)
+            torch._foreach_copy_(params, start)
         self.model.eval()
         try:
             yield
         finally:
             self.model.train(was_training)
             with torch.no_grad():
-                torch._foreach_copy_(self.parameters, trained)
+                torch._foreach_copy_(params, trained)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.started():

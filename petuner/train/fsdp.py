@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from petuner.errors import ConfigError
 from petuner.train.blocks import decoder_layers
@@ -43,17 +43,14 @@ def check(cfg: Any) -> None:
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"trainer.strategy=fsdp with optimizer={optimizer}: allowed with fsdp: "
                           f"{', '.join(OPTIMIZERS)} (GaLore and 8-bit states need whole, unsharded matrices)")
-    if cfg.get("init_from") and needs_reference_model(cfg.loss):
-        raise ConfigError(f"trainer.strategy=fsdp with init_from and loss={cfg.loss.name}: the reference swaps "
-                          "init_from's adapter into the tensors it held before sharding, not into the shards; set "
-                          "loss.precompute_reference=true (scored once, before sharding) or use trainer.strategy=ddp")
 
 
-def needs_reference_model(loss_cfg: Any) -> bool:
-    """Whether ``loss_cfg`` runs a reference model at each step (not precomputed)."""
-    from petuner.objectives import get_objective_class
-
-    return get_objective_class(loss_cfg.name).needs_reference and not loss_cfg.get("precompute_reference")
+def laid_out_as(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor (the same on every rank) as this rank's shard of ``param``'s layout, or as it is where
+    ``param`` is not sharded. No collective: each rank cuts its own part."""
+    if isinstance(param, DTensor) and not isinstance(tensor, DTensor):
+        return distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
+    return tensor
 
 
 def shard(model: nn.Module, compute_dtype: torch.dtype | None) -> nn.Module:
