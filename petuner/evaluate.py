@@ -94,12 +94,12 @@ def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "ev
     else:
         (model, tokenizer), objective = petuner.load(path, trust_remote_code=trust_remote_code, **kwargs), Objective()
     data = build_data(data_cfg, tokenizer, task)
-    objective.prepare_data(data, tokenizer, int(data_cfg.max_length))
     if data.label_names != folder_labels(path):
         raise PetunerError(f"the data's labels {data.label_names} differ from the ones {path} learnt "
                            f"{folder_labels(path)}")
     if split == "all":
         every_example(data)
+    objective.prepare_data(data, tokenizer, int(data_cfg.max_length))
     device = resolve_device("auto")
     if getattr(objective, "needs_reference", False):
         objective.reference = run_reference(loaded, device)

@@ -27,6 +27,10 @@ def eval_ranks(run_dir: Path | str, out: Path | str | None = None) -> list[dict[
     if not isinstance(run.method, RankDynamic):
         raise PetunerError(f"adapter={run.cfg.adapter.name} has a fixed rank; eval-ranks needs a rank-dynamic "
                            "adapter (dylora)")
+    loss = (run.cfg.get("loss") or {}).get("name", "sft")
+    if loss != "sft":
+        raise PetunerError(f"eval-ranks scores each rank with the model's own loss; this run trained with loss={loss} "
+                           "(score its pairs with petuner eval RUN data=...)")
     data = build_data(run.cfg.data, run.tokenizer, run.cfg.model.task)
     device = resolve_device(run.cfg.trainer.device)
     dtype = resolve_precision(run.cfg.trainer.precision, device)

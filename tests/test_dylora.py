@@ -20,7 +20,8 @@ from petuner.run import run
 from petuner.run_folder import read_config
 from petuner.train.hooks import TrainState
 from petuner.train.logging import read_metrics
-from tests.helpers import tiny_llama
+from tests.conftest import make_cfg
+from tests.helpers import DPO, tiny_llama
 
 
 def dylora_layer(mode: str = "frozen") -> DyLoRALinear:
@@ -130,8 +131,6 @@ def test_ranks_are_seeded_and_survive_resume(cfg_factory, tmp_path, resume_check
 
 @pytest.fixture(scope="module")
 def dylora_run(tmp_path_factory):
-    from tests.conftest import make_cfg
-
     run_dir = tmp_path_factory.mktemp("dylora") / "run"
     run(make_cfg(run_dir, "adapter=dylora", "adapter.r=4", "trainer.max_steps=8", "adapter.eval_all_ranks=true"))
     return run_dir
@@ -183,6 +182,15 @@ def test_eval_ranks_writes_table_and_plot(dylora_run, tmp_path) -> None:
     for row in rows:
         key = "eval/loss" if row["rank"] == 4 else f"eval/loss@r{row['rank']}"
         assert row["eval/loss"] == pytest.approx(final[key], abs=1e-5)
+
+
+def test_eval_ranks_refuses_a_preference_run_in_one_line(tmp_path) -> None:
+    """A DPO run's pairs are scored by its objective and reference (petuner eval), not the model's own loss."""
+    run_dir = tmp_path / "dpo"
+    run(make_cfg(run_dir, "adapter=dylora", *DPO, "trainer.max_steps=1", "trainer.save_every=null"))
+    with pytest.raises(PetunerError, match=r"^eval-ranks .* this run trained with loss=dpo \(score its pairs"):
+        eval_ranks(run_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("rank", [1, 2, 4])

@@ -214,7 +214,7 @@ def _bad(tmp: Path, trained_run: Path) -> dict[str, tuple[list[str], str]]:
         "reward on a causal LM": (["data=hf", f"data.path={good}", "loss=reward"],
                                   r"loss=reward trains a sequence classifier with one output .* model.task=causal_lm"),
         "margin not a number": (["data=hf", f"data.path={margins}", "model=tiny_bert", "loss=reward"],
-                                r"margins.jsonl row 5: margin='\"big\"'; a pair's margin is a number$"),
+                                r"margins.jsonl row 5: margin='\"big\"'; a pair's margin is a finite number$"),
         "metric not measured": ([*pairs, "objective=eval/perplexity"],
                                 r"objective=eval/perplexity is not measured for model.task=causal_lm; "
                                 r"allowed: eval/loss, eval/rewards/accuracies, eval/rewards/margins$"),

@@ -5,6 +5,7 @@ Every check here is on column names or one vectorised pass over a column, before
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -77,21 +78,25 @@ def check_nulls(dataset: Dataset, required: tuple[str, ...], where: str) -> None
 
 
 def check_numbers(dataset: Dataset, column: str, where: str) -> None:
-    """Every value of ``column`` a number (a numeric column; in a text column, as a loader makes of a column
-    mixing numbers and words, every value must read as one)."""
+    """Every value of ``column`` a finite number (a numeric column; in a text column, as a loader makes of a
+    column mixing numbers and words, every value must read as one)."""
     if column not in dataset.column_names:
         return
     values = dataset.data.column(column)
-    if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+    if pa.types.is_integer(values.type):
         return
-    bad = next(((i, v) for i, v in enumerate(values.to_pylist()) if not _reads_as_number(v)), None)
+    if pa.types.is_floating(values.type):
+        finite = pc.is_finite(values).to_numpy(zero_copy_only=False)
+        bad = (int(np.argmin(finite)), values[int(np.argmin(finite))].as_py()) if not finite.all() else None
+    else:
+        bad = next(((i, v) for i, v in enumerate(values.to_pylist()) if not _reads_as_number(v)), None)
     if bad is not None:
-        raise PetunerError(f"{where} row {bad[0] + 1}: {column}={bad[1]!r}; a pair's {column} is a number")
+        raise PetunerError(f"{where} row {bad[0] + 1}: {column}={bad[1]!r}; a pair's {column} is a finite number")
 
 
 def _reads_as_number(value: Any) -> bool:
     try:
-        return not isinstance(value, bool) and float(value) == float(value)  # NaN is not
+        return not isinstance(value, bool) and math.isfinite(float(value))  # NaN and infinities are not
     except (TypeError, ValueError):
         return False
 
@@ -120,6 +125,7 @@ def prepare(dataset: Dataset, kind: str, where: str, columns: Any) -> tuple[Data
     keep = [c for c in needed(kind, form) if c in dataset.column_names]
     nullable = (*OPTIONAL.get(form or "", ()), *NULLABLE.get(kind, ()))
     check_nulls(dataset, tuple(c for c in keep if c not in nullable), where)
-    check_numbers(dataset, "margin", where)
+    if "margin" in keep:  # a preference pair's (columns of other kinds are not read)
+        check_numbers(dataset, "margin", where)
     dataset = dataset.select_columns(keep)
     return dataset.add_column("__row__", np.arange(len(dataset))), kind, form

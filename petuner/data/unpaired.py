@@ -10,9 +10,9 @@ chosen side desirable and the rejected one not (TRL's ``unpair_preference_datase
 Each row also carries its KL row, fixed once over the dataset's order: prompt i with the completion of row
 i−1 (cycled over the whole dataset; TRL's ``KL_completion_ids``, which TRL cycles within blocks of one
 device batch), whose log-ratio estimates KTO's reference point. Fixed with the data rather than drawn
-with each batch, the estimate does not depend on how a step is split into micro-batches or over processes,
-and the reference's log-probabilities of both rows can be computed once before training
-(``loss.precompute_reference``).
+with each batch, a row's partner does not depend on how batches are drawn or split over processes (the
+estimate, a mean over a micro-batch's KL rows, still depends on the micro-batch), and the reference's
+log-probabilities of both rows can be computed once before training (``loss.precompute_reference``).
 """
 
 from __future__ import annotations
@@ -46,15 +46,16 @@ def build_unpaired_fn(tokenizer: Any, cfg: Any, where: str) -> Any:
 
 
 def unpaired_rows(pairs: Any) -> Any:
-    """Each tokenized pair as two labelled completions, its chosen side desirable and its rejected side not;
-    within each block of pairs the chosen rows come first, so a row's KL partner (the row before it) answers
-    another prompt."""
-    def split(block: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        ids, n = block["input_ids"] + block[REJECTED[0]], len(block["input_ids"])
-        return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids],
-                "labels": block["labels"] + block[REJECTED[1]], "desirable": [1] * n + [0] * n}
+    """Each tokenized pair as two labelled completions, its chosen side desirable and its rejected side not:
+    every chosen row, then every rejected row, so a row's KL partner (the row before it) answers another
+    prompt (but in a split of one pair)."""
+    from datasets import concatenate_datasets
 
-    return pairs.map(split, batched=True, remove_columns=pairs.column_names, keep_in_memory=True)
+    chosen = pairs.select_columns(["input_ids", "labels"])
+    rejected = pairs.select_columns(list(REJECTED)).rename_columns(
+        {REJECTED[0]: "input_ids", REJECTED[1]: "labels"}).cast(chosen.features, keep_in_memory=True)
+    return concatenate_datasets([side.add_column("desirable", [desirable] * len(side))
+                                 for side, desirable in ((chosen, 1), (rejected, 0))])
 
 
 def mismatched(row: tuple[list[int], list[int]], other: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:

@@ -80,10 +80,8 @@ class KTO(Pairs):
         from petuner.data.unpaired import KTOCollator, kto_rows
 
         super().prepare_data(data, tokenizer, max_length)
-        rows = {id(split): kto_rows(split) for split in (data.train, *data.trains.values(), *data.evals.values())}
-        data.train = rows[id(data.train)]
-        data.trains = {name: rows[id(split)] for name, split in data.trains.items()}
-        data.evals = {name: rows[id(split)] for name, split in data.evals.items()}
+        data.train = kto_rows(data.train)  # (data.trains, each source's before mixing, are left as built)
+        data.evals = {name: kto_rows(split) for name, split in data.evals.items()}
         data.eval = concatenate_datasets(list(data.evals.values()))
         data.report.update(train_examples=len(data.train), eval_examples=len(data.eval))
         data.kind, data.collate = "unpaired", KTOCollator(tokenizer.pad_token_id, max_length)

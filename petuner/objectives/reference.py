@@ -67,6 +67,7 @@ class StartingAdapter:
     @contextlib.contextmanager
     def started(self) -> Iterator[None]:
         """The starting values in place, and no dropout in the frozen adapter (TRL's disable_dropout)."""
+        fsdp.regather(self.model)  # every parameter back to its shard (FSDP2 keeps the root's gathered)
         params, start = self.trainable()
         trained = [p.clone() for p in params]
         was_training = self.model.training
@@ -79,6 +80,7 @@ class StartingAdapter:
             self.model.train(was_training)
             with torch.no_grad():
                 torch._foreach_copy_(params, trained)
+            fsdp.regather(self.model)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.started():

@@ -45,6 +45,14 @@ def check(cfg: Any) -> None:
                           f"{', '.join(OPTIMIZERS)} (GaLore and 8-bit states need whole, unsharded matrices)")
 
 
+def regather(model: nn.Module) -> None:
+    """Free the root unit's gathered weights (FSDP2 keeps the root's gathered after a forward, and its
+    parameters are then the gathered tensors): every parameter is its shard again, and the next forward
+    gathers the shards as they are now, after values were copied into them."""
+    if is_sharded(model):
+        model.reshard()
+
+
 def laid_out_as(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A whole tensor (the same on every rank) as this rank's shard of ``param``'s layout, or as it is where
     ``param`` is not sharded. No collective: each rank cuts its own part."""

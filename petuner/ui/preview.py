@@ -25,7 +25,9 @@ def prepared_data(overrides: Sequence[str], config_dir: Path | None = None) -> t
     plan = validate(cfg)
     check_max_length(plan.data, context_length(model_config(cfg.model)))
     tokenizer = load_tokenizer(cfg.model)
-    return build_data(plan.data, tokenizer, cfg.model.task, check_kind=plan.objective.check_data_kind), tokenizer
+    data = build_data(plan.data, tokenizer, cfg.model.task, check_kind=plan.objective.check_data_kind)
+    plan.objective.prepare_data(data, tokenizer, int(cfg.data.max_length))  # the rows it trains on (KTO's)
+    return data, tokenizer
 
 
 def highlighted(data: Any, tokenizer: Any, examples: int) -> tuple[str, list[list[tuple[str, str | None]]]]:
