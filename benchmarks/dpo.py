@@ -7,14 +7,18 @@ chosen, another question's answer (a different one, drawn with a fixed seed) rej
   adapter switch); held-out reward accuracy, margins and loss before and after, and the greedy answers to
   held-out questions before (adapter off) and after: their unigram F1 against the chosen and against the
   rejected reply. Writes benchmarks/results/dpo_learn.{json,md}.
-- ``vs-trl``: the same DPO step (same model, LoRA, pairs in the same order, β, lr, batch, fp32 on CPU or
-  bf16 autocast on CUDA) in petuner and in TRL's DPOTrainer with peft, each run in its own subprocess and
-  interleaved (repeat 1 runs both, then repeat 2, ...); the first step is not timed. Reported as ratios
-  petuner / TRL of the median time per step and the peak memory (RSS on CPU, the allocator's peak on CUDA).
-  Writes benchmarks/results/dpo_vs_trl.{json,md}.
+- ``vs-trl``: the same DPO step (same model, LoRA, pairs in the same order, β, lr, batch, max_length,
+  gradient checkpointing on or off in both, fp32 on CPU or bf16 autocast on CUDA) in petuner and in TRL's
+  DPOTrainer with peft, each run in its own subprocess and interleaved (repeat 1 runs both, then repeat 2,
+  ...); the first step is not timed. ``--history K`` puts K earlier exchanges of the corpus before each
+  question (multi-turn prompts: longer sequences). Reported as ratios petuner / TRL of the median time per
+  step, the process's peak memory (RSS on CPU, the allocator's peak on CUDA) and what training added to the
+  memory held when it began. Writes benchmarks/results/dpo_vs_trl<suffix>.{json,md}.
 
     .venv/bin/python benchmarks/dpo.py learn    # the committed results ran these defaults
-    .venv/bin/python benchmarks/dpo.py vs-trl
+    .venv/bin/python benchmarks/dpo.py vs-trl --repeats 3 --gradient-checkpointing on
+    .venv/bin/python benchmarks/dpo.py vs-trl --repeats 3 --history 3 --max-length 2048 \
+        --gradient-checkpointing on --suffix _multiturn                       # and off: _multiturn_no_checkpointing
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,9 +40,11 @@ COMMON = ("model=smollm2_135m", "loss=dpo", "loss.beta=0.1", "adapter=lora", "ad
           "optimizer.lr=5e-4", "optimizer.warmup_steps=2", "trainer.seed=0")
 
 
-def build_pairs(path: Path, seed: int = 0, conversational: bool = False) -> int:
+def build_pairs(path: Path, seed: int = 0, conversational: bool = False, history: int = 0) -> int:
     """chatterbot's questions, each with its own answer chosen and another question's answer rejected (as
-    messages with ``conversational``: TRL renders only those with the chat template, as petuner renders all)."""
+    messages with ``conversational``: TRL renders only those with the chat template, as petuner renders all).
+    ``history`` earlier exchanges of the corpus go before each question as a conversation (conversational
+    only): longer sequences, as a multi-turn chat's, where the activations rather than the weights fill memory."""
     from petuner.assets import resolve
     from petuner.data.sources import read_chatterbot
 
@@ -50,11 +55,16 @@ def build_pairs(path: Path, seed: int = 0, conversational: bool = False) -> int:
             rows.append(row)
     rng = random.Random(seed)
     with path.open("w") as f:
-        for row in rows:
+        for i, row in enumerate(rows):
             other = rng.choice([r for r in rows if r["response"] != row["response"]])
-            pair = {"prompt": row["prompt"], "chosen": row["response"], "rejected": other["response"]}
+            pair: dict[str, Any] = {"prompt": row["prompt"], "chosen": row["response"], "rejected": other["response"]}
             if conversational:
-                pair = {k: [{"role": "user" if k == "prompt" else "assistant", "content": v}] for k, v in pair.items()}
+                earlier = [rows[(i - k) % len(rows)] for k in range(history, 0, -1)]
+                prompt = [m for r in earlier for m in ({"role": "user", "content": r["prompt"]},
+                                                       {"role": "assistant", "content": r["response"]})]
+                pair = {"prompt": [*prompt, {"role": "user", "content": row["prompt"]}],
+                        "chosen": [{"role": "assistant", "content": row["response"]}],
+                        "rejected": [{"role": "assistant", "content": other["response"]}]}
             f.write(json.dumps(pair) + "\n")
     return len(rows)
 
@@ -128,26 +138,57 @@ def learn(args: argparse.Namespace) -> None:
 
 # --- vs TRL: one run per subprocess ------------------------------------------------------------------
 
-def peak_memory() -> float:
+def resident() -> float:
+    """The memory held now: the allocator's on CUDA, the resident set on CPU."""
     import torch
 
     if torch.cuda.is_available():
-        return float(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+        return float(torch.cuda.memory_allocated())
+    with open("/proc/self/status") as f:
+        return next(float(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def child_petuner(pairs: Path, steps: int, batch: int, out: Path) -> dict[str, Any]:
+class TrainingPeak:
+    """The process's peak memory, the peak while training, and what training added to what was held when it
+    started (the activations, logits, gradients and optimizer state; the runtime, weights and data are in both)."""
+
+    def start(self) -> None:
+        from memory_phases import high_water, reset_high_water
+
+        self.before = high_water()  # loading and preparing: the high-water mark is reset for training's own
+        reset_high_water()
+        self.at_start = resident()
+
+    def figures(self) -> dict[str, float]:
+        from memory_phases import high_water
+
+        peak = high_water()
+        return {"peak_bytes": max(self.before, peak), "train_peak_bytes": peak,
+                "train_added_bytes": peak - self.at_start}
+
+
+def child_petuner(pairs: Path, options: dict[str, Any], out: Path) -> dict[str, Any]:
     from petuner.config import compose_config
     from petuner.run import run
     from petuner.train.logging import read_metrics
+    from petuner.train.loop import Loop
 
-    run(compose_config([*COMMON, f"data.path={pairs}", "data.eval_size=8", f"trainer.max_steps={steps}",
-                        f"trainer.batch_size={batch}", "optimizer.schedule=constant", f"run_dir={out}"]))
+    peak, train = TrainingPeak(), Loop.train
+
+    def measured(loop: Loop, start: int) -> dict[str, float]:
+        peak.start()
+        return train(loop, start)
+
+    Loop.train = measured  # type: ignore[method-assign]
+    run(compose_config([*COMMON, f"data.path={pairs}", "data.eval_size=8", f"trainer.max_steps={options['steps']}",
+                        f"trainer.batch_size={options['batch']}", f"data.max_length={options['max_length']}",
+                        f"trainer.gradient_checkpointing={options['checkpointing']}", "trainer.eval_every=null",
+                        "optimizer.schedule=constant", f"run_dir={out}"]))
     seconds = [m["train/step_s"] for m in read_metrics(out) if "train/step_s" in m][1:]
-    return {"step_s": statistics.median(seconds), "peak_bytes": peak_memory()}
+    return {"step_s": statistics.median(seconds), **peak.figures()}
 
 
-def child_trl(pairs: Path, steps: int, batch: int, out: Path) -> dict[str, Any]:
+def child_trl(pairs: Path, options: dict[str, Any], out: Path) -> dict[str, Any]:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -160,8 +201,12 @@ def child_trl(pairs: Path, steps: int, batch: int, out: Path) -> dict[str, Any]:
     cfg = compose_config([*COMMON, f"data.path={pairs}", "run_dir=."])
     model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
     times: list[float] = []
+    peak = TrainingPeak()
 
     class Timer(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            peak.start()
+
         def on_step_begin(self, *a: Any, **k: Any) -> None:
             self.t0 = time.perf_counter()
 
@@ -172,50 +217,63 @@ def child_trl(pairs: Path, steps: int, batch: int, out: Path) -> dict[str, Any]:
 
     cuda = torch.cuda.is_available()
     args = DPOConfig(output_dir=str(out), beta=0.1, learning_rate=5e-4, lr_scheduler_type="constant",
-                     per_device_train_batch_size=batch, max_steps=steps, max_length=128, report_to="none",
-                     save_strategy="no", logging_steps=10_000, use_cpu=not cuda, bf16=cuda, seed=0,
+                     per_device_train_batch_size=options["batch"], max_steps=options["steps"],
+                     max_length=options["max_length"], gradient_checkpointing=options["checkpointing"],
+                     report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=not cuda, bf16=cuda, seed=0,
                      max_grad_norm=1.0, dataloader_num_workers=0)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     trainer = DPOTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=str(pairs))["train"],
                          processing_class=tokenizer, peft_config=lora, callbacks=[Timer()])
     trainer.train()
-    return {"step_s": statistics.median(times[1:]), "peak_bytes": peak_memory()}
+    return {"step_s": statistics.median(times[1:]), **peak.figures()}
+
+
+MEASURES = {"step_s": "time per step (s)", "peak_bytes": "process peak (MiB)",
+            "train_added_bytes": "added by training (MiB)"}
 
 
 def vs_trl(args: argparse.Namespace) -> None:
+    options = {"steps": args.steps, "batch": args.batch_size, "max_length": args.max_length,
+               "checkpointing": args.gradient_checkpointing == "on"}
     with tempfile.TemporaryDirectory() as tmp:
         pairs = Path(tmp) / "pairs.jsonl"
-        build_pairs(pairs, conversational=True)
+        build_pairs(pairs, conversational=True, history=args.history)
         rows: dict[str, list[dict[str, Any]]] = {"petuner": [], "trl": []}
         for repeat in range(args.repeats):
             for who in rows:
                 out = Path(tmp) / f"{who}-{repeat}"
-                done = subprocess.run([sys.executable, __file__, "child", who, str(pairs), str(args.steps),
-                                       str(args.batch_size), str(out)], capture_output=True, text=True, check=False)
+                done = subprocess.run([sys.executable, __file__, "child", who, str(pairs), json.dumps(options),
+                                       str(out)], capture_output=True, text=True, check=False)
                 if done.returncode:
                     raise SystemExit(done.stderr[-3000:])
                 rows[who].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    med = {who: {k: statistics.median(r[k] for r in runs) for k in ("step_s", "peak_bytes")}
-           for who, runs in rows.items()}
-    ratios = {k: med["petuner"][k] / med["trl"][k] for k in ("step_s", "peak_bytes")}
+    med = {who: {k: statistics.median(r[k] for r in runs) for k in MEASURES} for who, runs in rows.items()}
+    ratios = {k: med["petuner"][k] / med["trl"][k] for k in MEASURES}
     out = {"command": "benchmarks/dpo.py vs-trl " + " ".join(sys.argv[2:]), "runs": rows, "median": med,
-           "ratio_petuner_over_trl": ratios, "steps": args.steps, "batch_size": args.batch_size}
+           "ratio_petuner_over_trl": ratios, **options, "history": args.history}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dpo_vs_trl.json").write_text(json.dumps(out, indent=2))
+    name = f"dpo_vs_trl{args.suffix}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
+    scale = {k: 1.0 if k == "step_s" else 2.0 ** -20 for k in MEASURES}
     lines = ["# DPO step: petuner against TRL's DPOTrainer + peft (SmolLM2-135M, LoRA r=16 all-linear)", "",
              f"`{out['command']}`: {args.repeats} interleaved repeats of {args.steps} steps, {args.batch_size} pairs "
-             "per step, first step untimed.", "", "| | time per step (s) | peak memory (MiB) |", "|---|---|---|"]
-    lines += [f"| {who} | {m['step_s']:.3f} | {m['peak_bytes'] / 2**20:.0f} |" for who, m in med.items()]
-    lines += [f"| petuner / TRL | {ratios['step_s']:.2f}x | {ratios['peak_bytes']:.2f}x |"]
-    (RESULTS / "dpo_vs_trl.md").write_text("\n".join(lines) + "\n")
+             f"per step ({args.history} earlier exchanges before each question, max_length {args.max_length}), "
+             f"gradient checkpointing {args.gradient_checkpointing} in both, first step untimed. Process peak: "
+             "peak RSS on CPU (the runtime, weights and data included), the allocator's peak on CUDA; added by "
+             "training: the peak while training less what was held when training began.", "",
+             "| | " + " | ".join(MEASURES.values()) + " |", "|---|---|---|---|"]
+    lines += [f"| {who} | " + " | ".join(f"{m[k] * scale[k]:.3f}" if k == "step_s" else f"{m[k] * scale[k]:.0f}"
+                                         for k in MEASURES) + " |" for who, m in med.items()]
+    lines += ["| petuner / TRL | " + " | ".join(f"{ratios[k]:.2f}x" for k in MEASURES) + " |"]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def main() -> None:
     if sys.argv[1] == "child":
-        who, pairs, steps, batch, out = sys.argv[2:7]
+        who, pairs, options, out = sys.argv[2:6]
         child = child_petuner if who == "petuner" else child_trl
-        result = child(Path(pairs), int(steps), int(batch), Path(out))
+        result = child(Path(pairs), json.loads(options), Path(out))
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -230,6 +288,10 @@ def main() -> None:
     v.add_argument("--steps", type=int, default=4)
     v.add_argument("--batch-size", type=int, default=4)
     v.add_argument("--repeats", type=int, default=2)
+    v.add_argument("--history", type=int, default=0, help="earlier exchanges before each question")
+    v.add_argument("--max-length", type=int, default=128)
+    v.add_argument("--gradient-checkpointing", choices=("on", "off"), default="on", help="in both (TRL's default: on)")
+    v.add_argument("--suffix", default="", help="results file dpo_vs_trl<suffix>.{json,md}")
     v.set_defaults(func=vs_trl)
     args = parser.parse_args()
     args.func(args)
