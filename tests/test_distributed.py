@@ -56,10 +56,19 @@ FSDP = ("adapter.dropout=0", "trainer.strategy=fsdp", "optimizer.schedule=consta
 # the starting adapter swapped into the shards (continued from the "fsdp" case's SFT run, trained first).
 FSDP_DPO = {"fsdp_dpo": DPO, "fsdp_dpo_precomputed": (*DPO, "loss.precompute_reference=true"),
             "fsdp_dpo_continued": (*DPO, "init_from={root}/fsdp")}
+# A trainable tensor in FSDP's root unit (LoRA on lm_head, outside the decoder layers, whose gathered weights the root
+# keeps after a forward): SFT, then DPO continued from it. SGD: Adam turns the output layer's rounding-level gradient
+# differences into weight differences of 1e-4 (measured), SGD does not.
+ROOT_TARGETS = ("adapter.target_modules=[q_proj,v_proj,lm_head]", "optimizer=sgd")
+FSDP_ROOT = {"fsdp_root_sft": ROOT_TARGETS, "fsdp_root_dpo": (*ROOT_TARGETS, *DPO, "init_from={root}/fsdp_root_sft")}
+
+# Every run of the one torchrun launch, in order (a run continued from another comes after it)
+LAUNCHED = (*CASES, "straight", "fsdp", "fsdp_resumed", *FSDP_DPO, *FSDP_ROOT)
 
 
-def fsdp_dpo(case: str, root: Path) -> tuple[str, ...]:
-    return tuple(o.format(root=root) for o in FSDP_DPO[case])
+def fsdp_case(case: str, root: Path) -> tuple[str, ...]:
+    """A case's overrides (FSDP_DPO's or FSDP_ROOT's), its runs to continue from under ``root``."""
+    return tuple(o.format(root=root) for o in {**FSDP_DPO, **FSDP_ROOT}[case])
 # Dropout on: each rank's RNG stream must come back on resume.
 KILLED = ("trainer.max_steps=8", "trainer.save_every=2", "trainer.batch_size=4", "adapter.dropout=0.1")
 
@@ -94,8 +103,7 @@ def adapters_equal(a: Path, b: Path, atol: float) -> None:
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every case, plus the uninterrupted run of the kill test, in one torchrun launch."""
     root = tmp_path_factory.mktemp("torchrun")
-    done = subprocess.run(torchrun(root, *CASES, "straight", "fsdp", "fsdp_resumed", *FSDP_DPO), env=env(), cwd=root,
-                          capture_output=True, text=True)
+    done = subprocess.run(torchrun(root, *LAUNCHED), env=env(), cwd=root, capture_output=True, text=True)
     (root / "stderr.txt").write_text(done.stderr)  # each test checks its own runs finished (finished())
     return root
 
@@ -138,16 +146,25 @@ def test_fsdp_dpo_matches_one_process(two_processes: Path, tmp_path: Path, case:
     round at ~4e-6, so rewards (0.1 x a logp difference) at ~1e-6."""
     finished(two_processes, case)
     run(make_cfg(tmp_path / "one", *COMMON, "adapter.dropout=0", "optimizer.schedule=constant",
-                 *fsdp_dpo(case, two_processes)))
+                 *fsdp_case(case, two_processes)))
     adapters_equal(tmp_path / "one", two_processes / case, atol=1e-6)
     dpo_runs_match(tmp_path / "one", two_processes / case, loss_rel=1e-5, rewards_abs=1e-6)
 
 
+def test_fsdp_dpo_continued_with_a_trainable_root_tensor(two_processes: Path, tmp_path: Path) -> None:
+    """The starting adapter swapped into the root unit's shards too, re-gathered for the reference's forward and
+    again for the policy's (seen failing without the re-gathering: a gathered tensor's shape against a shard's)."""
+    finished(two_processes, *FSDP_ROOT)
+    run(make_cfg(tmp_path / "one", *COMMON, "adapter.dropout=0", "optimizer.schedule=constant",
+                 *fsdp_case("fsdp_root_dpo", two_processes)))
+    adapters_equal(tmp_path / "one", two_processes / "fsdp_root_dpo", atol=1e-6)
+    dpo_runs_match(tmp_path / "one", two_processes / "fsdp_root_dpo", loss_rel=1e-5, rewards_abs=1e-6)
+
+
 def test_one_set_of_outputs(two_processes: Path) -> None:
     """One run folder per run, one metrics line per step, one wandb run (the lora case logs to wandb)."""
-    finished(two_processes, *CASES, "straight", "fsdp", "fsdp_resumed", *FSDP_DPO)
-    assert {p.name for p in two_processes.iterdir() if p.is_dir()} == {*CASES, *FSDP_DPO, "fsdp", "fsdp_resumed",
-                                                                       "straight"}
+    finished(two_processes, *LAUNCHED)
+    assert {p.name for p in two_processes.iterdir() if p.is_dir()} == set(LAUNCHED)
     run_dir = two_processes / "lora"
     steps = [m["step"] for m in read_metrics(run_dir) if "train/loss" in m]
     assert steps == [1, 2, 3, 4]

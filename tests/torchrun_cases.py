@@ -10,7 +10,7 @@ from pathlib import Path
 
 from petuner.run import run
 from tests.conftest import make_cfg
-from tests.test_distributed import CASES, COMMON, FSDP, FSDP_DPO, KILLED, fsdp_dpo
+from tests.test_distributed import CASES, COMMON, FSDP, FSDP_DPO, FSDP_ROOT, KILLED, fsdp_case
 
 
 def overrides(case: str, root: Path) -> tuple[str, ...]:
@@ -18,8 +18,8 @@ def overrides(case: str, root: Path) -> tuple[str, ...]:
         return KILLED
     if case == "fsdp":
         return (*COMMON, *FSDP)
-    if case in FSDP_DPO:
-        return (*COMMON, *FSDP, *fsdp_dpo(case, root))
+    if case in FSDP_DPO or case in FSDP_ROOT:
+        return (*COMMON, *FSDP, *fsdp_case(case, root))
     if case == "lora":  # also shows that two processes make one wandb run
         os.environ["WANDB_MODE"] = "offline"
         return (*COMMON, *CASES[case], "logger=wandb", "logger.wandb.mode=offline")
