@@ -71,12 +71,44 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         with atomic_dir(dest, replace=True) as tmp:
             save_tensors(weights, tmp / ADAPTER_FILE)
             torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "hooks": [h.state_dict() for h in hooks],
+                        "scaler": scaler.state_dict(), "hooks": hook_states(hooks),
                         "rng": rngs[0], "rng_per_rank": rngs[1:], "world_size": len(rngs)}, tmp / STATE_FILE)
         for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return dest
+
+
+def hook_names(hooks: list[Hook]) -> list[str]:
+    """Each hook's name in a checkpoint: its class's, numbered where a class comes twice."""
+    names = [type(h).__name__ for h in hooks]
+    return [f"{n}#{names[:i].count(n)}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def hook_states(hooks: list[Hook]) -> dict[str, Any]:
+    return dict(zip(hook_names(hooks), (h.state_dict() for h in hooks), strict=True))
+
+
+def load_hook_states(hooks: list[Hook], saved: dict[str, Any] | list[Any], path: Path) -> None:
+    """Each hook's saved state, by name. A hook that keeps no state may be missing from an older checkpoint (one
+    written before the hook existed); a hook that keeps some may not. Checkpoints listing the states by position
+    (before they were named) load where they hold one per hook, or one per hook that keeps state."""
+    names = hook_names(hooks)
+    keeping = [n for n, h in zip(names, hooks, strict=True) if h.state_dict()]
+    if isinstance(saved, list):
+        listed = names if len(saved) == len(names) else keeping if len(saved) == len(keeping) else None
+        if listed is None:
+            raise PetunerError(f"trainer.resume=true: {path} holds the states of {len(saved)} per-step hooks, this "
+                               f"run has {len(names)} ({', '.join(names)}): resume it with the petuner that wrote it")
+        saved = dict(zip(listed, saved, strict=True))
+    missing, unknown = [n for n in keeping if n not in saved], sorted(set(saved) - set(names))
+    if missing or unknown:
+        what = f"no state for {missing[0]}" if missing else f"the state of {unknown[0]}, which this run does not have"
+        raise PetunerError(f"trainer.resume=true: {path} holds {what} (written by another petuner version or "
+                           "adapter): resume it with the one that wrote it")
+    for name, hook in zip(names, hooks, strict=True):
+        if name in saved:
+            hook.load_state_dict(saved[name])
 
 
 def check_world_size(path: Path) -> None:
@@ -99,7 +131,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    for hook, hook_state in zip(hooks, state["hooks"], strict=True):
-        hook.load_state_dict(hook_state)
+    load_hook_states(hooks, state["hooks"], path)
     set_rng_state(state["rng"] if distributed.rank() == 0 else state["rng_per_rank"][distributed.rank() - 1])
     return int(state["step"])
