@@ -6,7 +6,8 @@ chosen, another question's answer (a different one, drawn with a fixed seed) rej
 - ``learn``: ``petuner.run.run`` with ``loss=dpo`` (LoRA r=16 on every linear layer, the reference by the
   adapter switch); held-out reward accuracy, margins and loss before and after, and the greedy answers to
   held-out questions before (adapter off) and after: their unigram F1 against the chosen and against the
-  rejected reply. Writes benchmarks/results/dpo_learn.{json,md}.
+  rejected reply. Writes benchmarks/results/dpo_learn.{json,md}; with ``--loss kto`` the same pairs train KTO
+  (each pair's two sides as labelled completions; held-out loss, reward margin and KL estimate), kto_learn.*.
 - ``vs-trl``: the same DPO step (same model, LoRA, pairs in the same order, β, lr, batch, max_length,
   gradient checkpointing on or off in both, fp32 on CPU or bf16 autocast on CUDA) in petuner and in TRL's
   DPOTrainer with peft, each run in its own subprocess and interleaved (repeat 1 runs both, then repeat 2,
@@ -16,6 +17,7 @@ chosen, another question's answer (a different one, drawn with a fixed seed) rej
   memory held when it began. Writes benchmarks/results/dpo_vs_trl<suffix>.{json,md}.
 
     .venv/bin/python benchmarks/dpo.py learn    # the committed results ran these defaults
+    .venv/bin/python benchmarks/dpo.py learn --loss kto --batch-size 16   # the same pairs, 8 a step, for KTO
     .venv/bin/python benchmarks/dpo.py vs-trl --repeats 3 --gradient-checkpointing on
     .venv/bin/python benchmarks/dpo.py vs-trl --repeats 3 --history 3 --max-length 2048 \
         --gradient-checkpointing on --suffix _multiturn                       # and off: _multiturn_no_checkpointing
@@ -87,6 +89,15 @@ def greedy_answers(run_dir: Path, prompts: list[str]) -> tuple[list[str], list[s
     return before, gen.answer(prompts, sampling)
 
 
+LEARN_METRICS = {"dpo": ("loss", "rewards/accuracies", "rewards/margins"), "kto": ("loss", "rewards/margins", "kl")}
+LEARN_NOTES = {
+    "dpo": "Before training every reward is 0 (the reference is the policy): ties, which count as not preferred, so "
+           "the accuracy reads 0.",
+    "kto": "Before training every reward and the KL estimate are 0 (the reference is the policy) and each row's loss "
+           "is 0.5; rewards/margins is the desirable rows' mean reward less the undesirable rows'.",
+}
+
+
 def learn(args: argparse.Namespace) -> None:
     from datasets import Dataset
 
@@ -96,7 +107,8 @@ def learn(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pairs = Path(tmp) / "chatterbot_pairs.jsonl"
         n = build_pairs(pairs)
-        overrides = [*COMMON, f"data.path={pairs}", f"data.eval_size={args.eval_size}",
+        common = [o if o != "loss=dpo" else f"loss={args.loss}" for o in COMMON]
+        overrides = [*common, f"data.path={pairs}", f"data.eval_size={args.eval_size}",
                      f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch_size}",
                      f"trainer.eval_every={max(args.steps // 2, 1)}", f"run_dir={Path(tmp) / 'run'}"]
         start = time.perf_counter()
@@ -107,32 +119,31 @@ def learn(args: argparse.Namespace) -> None:
         prompts = [held_out[i] for i in range(min(args.answers, len(held_out)))]
         before, after = greedy_answers(Path(tmp) / "run", [p["prompt"] for p in prompts])
     res = info["results"]
-    figures = {f"{k}_{when}": res[f"eval/{k}_{when}"] for k in ("loss", "rewards/accuracies", "rewards/margins")
-               for when in ("before", "after")}
+    keys = LEARN_METRICS[args.loss]
+    figures = {f"{k}_{when}": res[f"eval/{k}_{when}"] for k in keys for when in ("before", "after")}
     answers = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "before": b, "after": a}
                for p, b, a in zip(prompts, before, after, strict=True)]
     f1s = {f"{when}_vs_{side}": statistics.mean(f1(x[when], x[side]) for x in answers)
            for when in ("before", "after") for side in ("chosen", "rejected")}
     out = {"command": "benchmarks/dpo.py learn " + " ".join(sys.argv[2:]), "pairs": n, "steps": args.steps,
-           "batch_size": args.batch_size, "train_seconds": seconds, "overrides": COMMON, **figures, "greedy_f1": f1s,
+           "batch_size": args.batch_size, "train_seconds": seconds, "overrides": common, **figures, "greedy_f1": f1s,
            "answers": answers, "device": info["device"]}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dpo_learn.json").write_text(json.dumps(out, indent=2))
-    lines = ["# DPO on SmolLM2-135M + LoRA: chatterbot's answer against another question's", "",
-             f"`{out['command']}`: {n} pairs, {args.eval_size} held out; {args.steps} steps of {args.batch_size} pairs "
-             f"({seconds / 60:.1f} min on {info['device']}).", "",
+    (RESULTS / f"{args.loss}_learn.json").write_text(json.dumps(out, indent=2))
+    rows = "pairs" if args.loss == "dpo" else "labelled completions (each pair's two sides)"
+    lines = [f"# {args.loss.upper()} on SmolLM2-135M + LoRA: chatterbot's answer against another question's", "",
+             f"`{out['command']}`: {n} pairs, {args.eval_size} held out; {args.steps} steps of {args.batch_size} "
+             f"{rows} ({seconds / 60:.1f} min on {info['device']}).", "",
              "| held out | before | after |", "|---|---|---|"]
-    lines += [f"| eval/{k} | {figures[f'{k}_before']:.4f} | {figures[f'{k}_after']:.4f} |"
-              for k in ("loss", "rewards/accuracies", "rewards/margins")]
-    lines += ["", "Before training every reward is 0 (the reference is the policy): ties, which count as not "
-              "preferred, so the accuracy reads 0.", "",
+    lines += [f"| eval/{k} | {figures[f'{k}_before']:.4f} | {figures[f'{k}_after']:.4f} |" for k in keys]
+    lines += ["", LEARN_NOTES[args.loss], "",
               "Greedy answers to held-out questions, unigram F1 (mean) against the chosen and the rejected reply:", "",
               "| | vs chosen | vs rejected |", "|---|---|---|",
               f"| before (adapter off) | {f1s['before_vs_chosen']:.3f} | {f1s['before_vs_rejected']:.3f} |",
               f"| after | {f1s['after_vs_chosen']:.3f} | {f1s['after_vs_rejected']:.3f} |", ""]
     lines += [f"- {a['prompt']!r}: before {a['before']!r} → after {a['after']!r} (chosen {a['chosen']!r})"
               for a in answers[:6]]
-    (RESULTS / "dpo_learn.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.loss}_learn.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -283,6 +294,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-size", type=int, default=48)
     p.add_argument("--answers", type=int, default=16)
+    p.add_argument("--loss", choices=tuple(LEARN_METRICS), default="dpo", help="kto: the pairs as labelled completions")
     p.set_defaults(func=learn)
     v = sub.add_parser("vs-trl")
     v.add_argument("--steps", type=int, default=4)
