@@ -58,8 +58,7 @@ def every_example(data: Any) -> None:
     mixing, so each counts once whatever its mixture weight), and the combined set all of those."""
     from datasets import concatenate_datasets
 
-    data.evals = {name: concatenate_datasets([data.trains[name], held_out]) for name, held_out in data.evals.items()}
-    data.eval = concatenate_datasets(list(data.evals.values()))
+    data.set_evals({name: concatenate_datasets([data.trains[name], held_out]) for name, held_out in data.evals.items()})
 
 
 def evaluate_run(path: Path | str, overrides: Sequence[str], *, split: str = "eval", batch_size: int = 16,

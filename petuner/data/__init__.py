@@ -52,6 +52,12 @@ class DataBundle:
     def num_labels(self) -> int | None:
         return len(self.label_names) or None
 
+    def set_evals(self, evals: dict[str, Dataset]) -> None:
+        """Each source's held-out examples, with ``eval`` kept as all of them together (each source's rows as
+        they are, so per-source figures stay exact)."""
+        self.evals = evals
+        self.eval = concatenate_datasets(list(evals.values())) if len(evals) > 1 else next(iter(evals.values()))
+
 
 def setting(cfg: Any, key: str) -> Any:
     return cfg.get(key, DEFAULTS.get(key))

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset
 from torch import nn
 
 from petuner.data.sft import IGNORE
@@ -98,8 +98,7 @@ def pack_bundle(data: Any, tokenizer: Any, max_length: int, seed: int) -> Any:
         raise PetunerError(f"data.packing=true packs {', '.join(PACKABLE_KINDS)} examples; this data is "
                            f"data.kind={data.kind} (text is already cut into full blocks of data.max_length)")
     data.train = pack_examples(data.train, max_length, seed)
-    data.evals = {name: pack_examples(held_out, max_length, seed) for name, held_out in data.evals.items()}
-    data.eval = concatenate_datasets(list(data.evals.values()))  # each source's rows: per-source figures stay exact
+    data.set_evals({name: pack_examples(held_out, max_length, seed) for name, held_out in data.evals.items()})
     data.collate = PackedCollator(tokenizer.pad_token_id)
     data.report.update(train_rows=len(data.train), eval_rows=len(data.eval))
     return data

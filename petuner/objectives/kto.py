@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from datasets import concatenate_datasets
 from torch import nn
 
 from petuner.objectives.pairs import Pairs, sequence_logps
@@ -81,8 +80,7 @@ class KTO(Pairs):
 
         super().prepare_data(data, tokenizer, max_length)
         data.train = kto_rows(data.train)  # (data.trains, each source's before mixing, are left as built)
-        data.evals = {name: kto_rows(split) for name, split in data.evals.items()}
-        data.eval = concatenate_datasets(list(data.evals.values()))
+        data.set_evals({name: kto_rows(split) for name, split in data.evals.items()})
         data.report.update(train_examples=len(data.train), eval_examples=len(data.eval))
         data.kind, data.collate = "unpaired", KTOCollator(tokenizer.pad_token_id, max_length)
 

@@ -116,16 +116,12 @@ def precompute_reference(model: nn.Module, data: Any, score: Scores, batch_size:
     """Each row's reference log-probabilities (``score``: a pair's chosen and rejected, a KTO row's completion
     and KL row) as a column of every split, from ``model`` as it is now (before training: the reference), in
     evaluation mode."""
-    from datasets import concatenate_datasets
-
     was_training = model.training
     model.eval()
     column = functools.partial(_reference_column, model, collate=data.collate, score=score, batch_size=batch_size,
                                device=device, compute_dtype=compute_dtype)
     data.train = column(data.train)
-    data.evals = {name: column(held_out) for name, held_out in data.evals.items()}
-    held_out = list(data.evals.values())
-    data.eval = concatenate_datasets(held_out) if len(held_out) > 1 else held_out[0]
+    data.set_evals({name: column(held_out) for name, held_out in data.evals.items()})
     model.train(was_training)
 
 
